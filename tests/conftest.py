@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
+# Before anything imports triton (transformers does): Triton runs on the CPU only as its
+# interpreter, and it reads this once at import.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 
 def tiny_llama_config(
