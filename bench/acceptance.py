@@ -1,0 +1,414 @@
+"""The acceptance harness: which draft to deploy, measured.
+
+For a target and one or more drafts (any checkpoint dirs: pruned-only, SFT, self-distilled, KD,
+merged) on a prompt set (MT-Bench by default, both turns, the second asked after the target's
+own first answer):
+
+1. quality, teacher-forced over the target's greedy answers (exact for greedy, fast for any k):
+   acceptance rate, MAL and per-position acceptance for k = 1..8, alpha = sum_x
+   min(target_probs, draft_probs) at T = 1, per prompt category (`specdec.evaluate`);
+2. FLOPs per committed token (draft + target, `specdec.flops`) and the draft's FLOPs reduction;
+3. the engine, on a subset: the same greedy acceptance measured by real speculative decoding
+   (must equal the teacher-forced numbers, except where the target's top-2 logits nearly tie),
+   sampled (T = 1) acceptance, and latency: ms per token and speedup vs the target alone,
+   medians over repeats, batch 1;
+4. Hugging Face assisted generation with the same pair and k, side by side (speedup and
+   acceptance), and vLLM (`draft_model` speculative config) when `.venv-vllm` exists.
+
+Writes `<out>/acceptance.json`, `<out>/report.md` and PNG plots, prints tables, and ends with
+one JSON line.
+
+    python bench/acceptance.py --draft pruned=runs/demo/pruned --draft sd=runs/demo/sd \
+        --n 80 --turns 2 --latency-n 8 --out runs/demo/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from specdec import flops
+from specdec.acceptance import greedy_accepted_length
+from specdec.decode.engine import SpeculativeEngine
+from specdec.decode.sampling import SamplingParams
+from specdec.evaluate import (REPORT_KS, Answer, DraftQuality, cached_target_answers,
+                              parse_drafts, quality_table, score_drafts)
+from specdec.models import DEFAULT_TARGET, load_model, resolve_model, write_json_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+NEAR_TIE = 1e-3  # fp32 top-2 logit margin under which batched and one-by-one argmax may differ
+
+
+@dataclass
+class BenchConfig:
+    target: str = DEFAULT_TARGET
+    draft: list[str] = field(default_factory=list)  # label=path
+    prompts: str = "mt-bench"
+    n: int | None = None
+    turns: int = 2
+    max_new_tokens: int = 96
+    batch_size: int = 8
+    k: int = 4  # draft length for the engine / HF / vLLM runs
+    latency_n: int = 6  # prompts in the engine / latency subset (0 skips)
+    latency_tokens: int = 64
+    repeats: int = 3
+    hf: bool = True  # Hugging Face assisted generation side by side
+    vllm: str = "auto"  # auto | on | off
+    out: str = "bench/results/acceptance"
+
+
+# ---------------------------------------------------------------------------- engine check
+
+
+def engine_check(target, draft, answers: list[Answer], k: int) -> dict[str, Any]:
+    """Greedy engine runs on the subset vs the teacher-forced prediction for the same text.
+
+    The prediction: run the draft teacher-forced over the text the engine committed, mark where
+    its argmax is the next token, and simulate block-wise acceptance (`greedy_accepted_length`).
+    It must give the engine's step count exactly, except where a full-sequence forward and the
+    engine's cached forwards round a near-tie (top-2 logit margin < 1e-3) differently.
+    """
+    engine = SpeculativeEngine(target, draft, k=k)
+    steps_engine = steps_predicted = differ = near_ties = 0
+    accepted = drafted = 0
+    for a in answers:
+        prompt, answer = a.ids[:a.prompt_len], a.ids[a.prompt_len:]
+        params = SamplingParams(temperature=0.0, max_tokens=len(answer), ignore_eos=True)
+        res = engine.generate([prompt], params)[0]
+        steps_engine += res.steps
+        accepted += res.accepted
+        drafted += res.drafted
+        agree, margins = _teacher_forced_agree(draft, target, prompt, res.token_ids)
+        steps_predicted += greedy_accepted_length(agree, k)[1]
+        near_ties += sum(m < NEAR_TIE for m in margins)
+        differ += int(res.token_ids != answer)
+    return {"k": k, "sequences": len(answers), "steps_engine": steps_engine,
+            "steps_teacher_forced": steps_predicted, "agree": steps_engine == steps_predicted,
+            "acceptance_rate_engine": accepted / max(drafted, 1),
+            "near_tie_positions": near_ties, "texts_differing_from_batched_answers": differ}
+
+
+@torch.inference_mode()
+def _teacher_forced_agree(draft, target, prompt: list[int], answer: list[int]
+                          ) -> tuple[list[bool], list[float]]:
+    """Per answer position: does the draft's argmax equal the committed token; target margins."""
+    ids = torch.tensor([prompt + answer])
+    start = len(prompt) - 1
+    d = draft(ids).logits[0, start:-1].float()
+    t = target(ids).logits[0, start:-1].float()
+    top2 = t.topk(2, dim=-1).values
+    return (d.argmax(-1) == ids[0, start + 1:]).tolist(), (top2[:, 0] - top2[:, 1]).tolist()
+
+
+def sampled_acceptance(target, draft, answers: list[Answer], k: int, seed: int = 0) -> dict:
+    engine = SpeculativeEngine(target, draft, k=k)
+    prompts = [a.ids[:a.prompt_len] for a in answers]
+    results = engine.generate(prompts, [SamplingParams(temperature=1.0, max_tokens=len(a.ids) -
+                                                       a.prompt_len, seed=seed + i)
+                                        for i, a in enumerate(answers)])
+    acc, dr, steps, toks = (sum(getattr(r, f) for r in results)
+                            for f in ("accepted", "drafted", "steps", "committed"))
+    return {"k": k, "acceptance_rate": acc / max(dr, 1), "mal": toks / max(steps, 1)}
+
+
+# ---------------------------------------------------------------------------- latency
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def latency(target, drafts: dict[str, Any], prompts: list[list[int]], tokens: int, k: int,
+            repeats: int, hf: bool, console: Console) -> list[dict[str, Any]]:
+    """ms/token at batch 1, greedy, for the target alone and every draft, ours and HF's."""
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    rows = []
+
+    def ours(draft):
+        engine = SpeculativeEngine(target, draft, k=k)
+        out = {}
+
+        def go():
+            out["results"] = [engine.generate([p], params)[0] for p in prompts]
+        seconds = _median_time(go, repeats)
+        res = out["results"]
+        n = sum(len(r.token_ids) for r in res)
+        drafted = sum(r.drafted for r in res)
+        return seconds, n, (sum(r.accepted for r in res) / drafted if drafted else None)
+
+    def hf_generate(draft):
+        from transformers.generation import candidate_generator as cg
+
+        matches: list[int] = []
+        original = cg.AssistedCandidateGenerator.update_candidate_strategy
+
+        def record(self, input_ids, scores, num_matches):
+            matches.append(int(num_matches))
+            return original(self, input_ids, scores, num_matches)
+
+        kwargs = dict(do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens)
+        if draft is not None:
+            draft.generation_config.num_assistant_tokens = k
+            draft.generation_config.num_assistant_tokens_schedule = "constant"
+            draft.generation_config.assistant_confidence_threshold = 0.0
+            kwargs["assistant_model"] = draft
+        out = {}
+
+        def go():
+            matches.clear()
+            with torch.inference_mode():
+                out["n"] = sum(target.generate(torch.tensor([p]), **kwargs).shape[1] - len(p)
+                               for p in prompts)
+        cg.AssistedCandidateGenerator.update_candidate_strategy = record
+        try:
+            seconds = _median_time(go, repeats)
+        finally:
+            cg.AssistedCandidateGenerator.update_candidate_strategy = original
+        acc = sum(matches) / (k * len(matches)) if matches else None
+        return seconds, out["n"], acc
+
+    engines = [("specdec", ours)] + ([("hf", hf_generate)] if hf else [])
+    for label, draft in [("target alone", None), *drafts.items()]:
+        for engine_name, fn in engines:
+            console.print(f"latency: {engine_name} / {label}")
+            seconds, n, acc = fn(draft)
+            rows.append({"engine": engine_name, "draft": label, "k": k if draft else 0,
+                         "ms_per_token": 1000 * seconds / n, "tokens_per_s": n / seconds,
+                         "acceptance_rate": acc})
+    base = {r["engine"]: r["ms_per_token"] for r in rows if r["draft"] == "target alone"}
+    for r in rows:
+        r["speedup_vs_own_target"] = base[r["engine"]] / r["ms_per_token"]
+        r["speedup_vs_specdec_target"] = base["specdec"] / r["ms_per_token"]
+    return rows
+
+
+def vllm_rows(cfg: BenchConfig, drafts: dict[str, str], console: Console) -> list[dict] | None:
+    """vLLM's own numbers through `python -m specdec.vllm bench` in .venv-vllm, if present."""
+    python = ROOT / ".venv-vllm" / "bin" / "python"
+    if cfg.vllm == "off" or (cfg.vllm == "auto" and not python.exists()):
+        return None
+    if not python.exists():
+        raise SystemExit("--vllm on needs .venv-vllm: run `make vllm-check` once to create it")
+    out = Path(cfg.out) / "vllm.json"
+    cmd = [str(python), "-m", "specdec.vllm", "bench", "--target", cfg.target, "--k", str(cfg.k),
+           "--prompts", cfg.prompts, "-n", str(cfg.latency_n),
+           "--max-tokens", str(cfg.latency_tokens), "--out", str(out)]
+    for label, path in drafts.items():
+        cmd += ["--draft", f"{label}={path}"]
+    console.print("vLLM: " + " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        console.print(f"[yellow]vLLM run failed (exit {proc.returncode}); skipped[/yellow]\n"
+                      f"{proc.stderr[-1500:]}")
+        return None
+    return json.loads(out.read_text())["rows"]
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def flops_rows(target_config, draft_configs: dict[str, Any], quality: list[DraftQuality],
+               k: int, context: int) -> list[dict[str, Any]]:
+    target = flops.decode_flops(target_config, context).total
+    rows = []
+    for q in quality:
+        draft = flops.decode_flops(draft_configs[q.label], context).total
+        mal = q.report.mean_accepted_length[k]
+        rows.append({"draft": q.label, "draft_flops_reduction": 1 - draft / target,
+                     "flops_per_committed_token": (k * draft + (k + 1) * target) / mal,
+                     "target_flops_per_token": target, "mal": mal, "k": k,
+                     "model_speedup": flops.spec_cost(target_config, draft_configs[q.label], k,
+                                                      min(q.report.top1_agreement, 0.999),
+                                                      context).speedup})
+    return rows
+
+
+def plots(quality: list[DraftQuality], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for q in quality:
+        ks = sorted(q.report.mean_accepted_length)
+        ax.plot(ks, [q.report.mean_accepted_length[k] for k in ks], marker="o", label=q.label)
+    ax.set(xlabel="draft length k", ylabel="mean accepted length (tokens / target forward)",
+           title="MAL vs k (greedy, teacher-forced)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "mal_vs_k.png", dpi=120)
+    files.append("mal_vs_k.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    k = max(q.per_position and max(q.per_position) for q in quality)
+    for q in quality:
+        rates = q.per_position[k]
+        ax.plot(range(1, k + 1), rates, marker="o", label=q.label)
+    ax.set(xlabel="draft position", ylabel="acceptance rate", title=f"per-position acceptance, k={k}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "per_position.png", dpi=120)
+    files.append("per_position.png")
+    plt.close(fig)
+
+    cats = sorted(quality[0].per_category)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(quality)
+    for j, q in enumerate(quality):
+        ax.bar([i + j * width for i in range(len(cats))],
+               [q.per_category[c]["mal@4"] for c in cats], width, label=q.label)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cats))], cats, rotation=30)
+    ax.set(ylabel="MAL at k=4", title="acceptance by category")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "by_category.png", dpi=120)
+    files.append("by_category.png")
+    plt.close(fig)
+    return files
+
+
+def markdown(cfg: BenchConfig, result: dict[str, Any]) -> str:
+    lines = [f"# Acceptance report: {cfg.target}", "",
+             f"{result['answers']} target answers on {cfg.prompts} ({cfg.turns} turn(s), "
+             f"{cfg.max_new_tokens} tokens each); machine: {result['machine']}", "",
+             "## Quality (teacher-forced, greedy; alpha at T=1)", "",
+             "| draft | layers | top-1 | alpha | " + " | ".join(f"MAL k={k}" for k in (1, 2, 4, 8))
+             + " |", "|---|---|---|---|" + "---|" * 4]
+    for q in result["quality"]:
+        lines.append(f"| {q['draft']} | {q['layers']} | {q['top1_agreement']:.3f} | "
+                     f"{q['alpha']:.3f} | " + " | ".join(f"{q['mal'][str(k)]:.2f}"
+                                                         for k in (1, 2, 4, 8)) + " |")
+    lines += ["", f"## FLOPs (k={cfg.k})", "",
+              "| draft | draft FLOPs vs target | FLOPs / committed token vs target alone |",
+              "|---|---|---|"]
+    for f in result["flops"]:
+        lines.append(f"| {f['draft']} | -{100 * f['draft_flops_reduction']:.1f}% | "
+                     f"{f['flops_per_committed_token'] / f['target_flops_per_token']:.2f}x |")
+    if result.get("engine_check"):
+        lines += ["", "## Engine vs teacher-forced (greedy)", "",
+                  "| draft | k | steps (engine) | steps (teacher-forced) | agree | sampled acceptance (T=1) |",
+                  "|---|---|---|---|---|---|"]
+        for label, c in result["engine_check"].items():
+            s = result["sampled"][label]
+            lines.append(f"| {label} | {c['k']} | {c['steps_engine']} | "
+                         f"{c['steps_teacher_forced']} | {c['agree']} | {s['acceptance_rate']:.3f} |")
+    if result.get("latency"):
+        lines += ["", "## Latency (batch 1, greedy, medians)", "",
+                  "| engine | draft | k | ms/token | tokens/s | speedup vs own target | acceptance |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in result["latency"] + (result.get("vllm") or []):
+            acc = "-" if r.get("acceptance_rate") is None else f"{r['acceptance_rate']:.3f}"
+            lines.append(f"| {r['engine']} | {r['draft']} | {r['k']} | {r['ms_per_token']:.1f} | "
+                         f"{r['tokens_per_s']:.1f} | {r['speedup_vs_own_target']:.2f}x | {acc} |")
+    lines += [""] + [f"![{p}]({p})" for p in result["plots"]]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def run(cfg: BenchConfig, console: Console | None = None) -> dict[str, Any]:
+    console = console or Console()
+    drafts = parse_drafts(cfg.draft)
+    paths = {label: resolve_model(p) for label, p in drafts.items()}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    target, tokenizer = load_model(cfg.target)
+    answers = cached_target_answers(cfg.target, cfg.prompts, cfg.n, cfg.turns,
+                                    cfg.max_new_tokens, cfg.batch_size, console, target, tokenizer)
+    models = {label: load_model(p)[0] for label, p in paths.items()}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    quality = score_drafts(target, models, answers, cfg.batch_size, 1.0, REPORT_KS, pad, console)
+    console.print(quality_table(quality, f"quality vs {cfg.target} ({len(answers)} answers)"))
+    context = int(statistics.median(len(a.ids) for a in answers))
+    fl = flops_rows(target.config, {k: m.config for k, m in models.items()}, quality, cfg.k,
+                    context)
+    result: dict[str, Any] = {
+        "config": asdict(cfg), "answers": len(answers), "machine": _machine(),
+        "quality": [q.row() for q in quality], "flops": fl, "engine_check": {}, "sampled": {},
+    }
+    subset = [a for a in answers if a.turn == 1][:cfg.latency_n]
+    if subset:
+        for label, m in models.items():
+            console.print(f"engine check: {label}")
+            result["engine_check"][label] = engine_check(target, m, subset, cfg.k)
+            result["sampled"][label] = sampled_acceptance(target, m, subset, cfg.k)
+        prompts = [a.ids[:a.prompt_len] for a in subset]
+        result["latency"] = latency(target, models, prompts, cfg.latency_tokens, cfg.k,
+                                    cfg.repeats, cfg.hf, console)
+        result["vllm"] = vllm_rows(cfg, {k: str(v) for k, v in paths.items()}, console)
+        console.print(latency_table(result["latency"] + (result["vllm"] or [])))
+    result["plots"] = plots(quality, out)
+    write_json_atomic(out / "acceptance.json", result)
+    (out / "report.md").write_text(markdown(cfg, result))
+    console.print(f"report: {out / 'report.md'}")
+    return result
+
+
+def latency_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="latency, batch 1, greedy (medians)")
+    for col in ("engine", "draft", "k", "ms/token", "tok/s", "speedup vs own target",
+                "speedup vs specdec target", "acceptance"):
+        table.add_column(col)
+    for r in rows:
+        acc = "-" if r.get("acceptance_rate") is None else f"{r['acceptance_rate']:.3f}"
+        table.add_row(r["engine"], r["draft"], str(r["k"]), f"{r['ms_per_token']:.1f}",
+                      f"{r['tokens_per_s']:.1f}", f"{r['speedup_vs_own_target']:.2f}x",
+                      f"{r.get('speedup_vs_specdec_target', float('nan')):.2f}x", acc)
+    return table
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, {gpu}, torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    defaults = BenchConfig()
+    for name, value in asdict(defaults).items():
+        flag = "--" + name.replace("_", "-")
+        if name == "draft":
+            parser.add_argument(flag, action="append", default=[], help="label=path (repeat)")
+        elif name == "n":
+            parser.add_argument(flag, type=int, default=None)
+        elif isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+    cfg = BenchConfig(**vars(parser.parse_args(argv)))
+    result = run(cfg)
+    summary = {"target": cfg.target, "answers": result["answers"],
+               "mal_k4": {q["draft"]: round(q["mal"]["4"], 3) for q in result["quality"]},
+               "alpha": {q["draft"]: round(q["alpha"], 3) for q in result["quality"]},
+               "engine_agrees": all(c["agree"] for c in result["engine_check"].values())}
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""The main job: prune -> distill -> finetune (SFT and self-distilled) -> bench, in one run folder.
+
+    python -m specdec.pipeline --preset quick            # what `make demo` runs, < 30 min on 2 cores
+    python -m specdec.pipeline --preset paper --run runs/paper
+
+Layout of a run (`runs/<name>/`):
+    distilled.jsonl      the target's rewrites of the training answers (self-data distillation)
+    original.jsonl       the same prompts with their original answers (the SFT baseline's data)
+    <cut>/pruned         the pruned draft (e.g. cut = drop6, keep12)
+    <cut>/sft            healed on original.jsonl
+    <cut>/sd             healed on distilled.jsonl, same recipe
+    <cut>/sd-kd          the same plus a logit-distillation term (paper preset)
+    <cut>/bench/         bench/acceptance.py's report, JSON and plots
+    report.md            every cut's comparison table
+
+Every stage is skipped when its output is already there and valid (a checkpoint with its
+`specdec.json`, a complete data file, a bench JSON), and distill and finetune resume from their
+own partial outputs, so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from specdec.models import DEFAULT_TARGET, read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Cut:
+    name: str
+    drop: int | None = None
+    keep: int | None = None
+
+
+@dataclass(frozen=True)
+class Preset:
+    cuts: tuple[Cut, ...]
+    distill_n: int
+    distill_max_new_tokens: int
+    distill_batch_size: int
+    finetune: dict[str, Any]  # FinetuneConfig fields shared by every draft (one recipe)
+    kd: float  # 0: no KD draft
+    prune_calib_n: int
+    eval_n: int | None
+    eval_turns: int
+    eval_max_new_tokens: int
+    latency_n: int
+    latency_tokens: int
+    k: int = 4
+
+
+PRESETS: dict[str, Preset] = {
+    # Sized for a 2-core CPU: about 25 minutes end to end.
+    "quick": Preset(
+        cuts=(Cut("drop6", drop=6),),
+        distill_n=48, distill_max_new_tokens=128, distill_batch_size=16,
+        finetune=dict(method="full", epochs=1, batch_size=8, micro_batch_size=4,
+                      max_seq_len=320, lr=5e-5),
+        kd=0.0, prune_calib_n=32, eval_n=24, eval_turns=1, eval_max_new_tokens=64,
+        latency_n=2, latency_tokens=48,
+    ),
+    # The paper's comparison at this model's scale: two draft sizes, 1,000+ distilled records,
+    # a KD variant, all 80 MT-Bench questions with both turns.
+    "paper": Preset(
+        cuts=(Cut("drop6", drop=6), Cut("keep12", keep=12)),
+        distill_n=1024, distill_max_new_tokens=192, distill_batch_size=32,
+        finetune=dict(method="full", epochs=1, batch_size=16, micro_batch_size=8,
+                      max_seq_len=384, lr=1e-4),
+        kd=0.5, prune_calib_n=128, eval_n=None, eval_turns=2, eval_max_new_tokens=96,
+        latency_n=4, latency_tokens=64,
+    ),
+    # Wiring only, for a tiny model in tests: every stage runs, on a handful of records.
+    "smoke": Preset(
+        cuts=(Cut("drop1", drop=1),),
+        distill_n=4, distill_max_new_tokens=8, distill_batch_size=4,
+        finetune=dict(method="full", max_steps=2, batch_size=2, micro_batch_size=2,
+                      max_seq_len=64),
+        kd=0.5, prune_calib_n=4, eval_n=2, eval_turns=1, eval_max_new_tokens=8,
+        latency_n=1, latency_tokens=4, k=2,
+    ),
+}
+
+
+@dataclass
+class PipelineConfig:
+    preset: str = "quick"
+    run: str = ""  # default runs/<preset>
+    target: str = DEFAULT_TARGET
+    skip_bench: bool = False
+
+
+@dataclass
+class StageLog:
+    rows: list[tuple[str, str, float]] = field(default_factory=list)  # stage, status, seconds
+
+    def add(self, stage: str, status: str, seconds: float) -> None:
+        self.rows.append((stage, status, seconds))
+
+
+def _stage(log: StageLog, console: Console, name: str, done: bool, fn) -> None:
+    if done:
+        console.print(f"[dim]{name}: done already, skipped[/dim]")
+        log.add(name, "skipped (valid output exists)", 0.0)
+        return
+    console.rule(name)
+    start = time.perf_counter()
+    fn()
+    log.add(name, "ran", time.perf_counter() - start)
+
+
+def _checkpoint_done(path: Path, stage: str) -> bool:
+    return (path / "config.json").is_file() and read_manifest(path).get("stage") == stage
+
+
+def write_original(distilled: Path, out: Path, source: str = "sharegpt") -> int:
+    """The distilled prompts with their original answers: the SFT baseline's data, same records."""
+    from specdec.data import iter_records
+    from specdec.distill import FirstTurn, first_turn
+
+    wanted = [json.loads(line)["id"] for line in distilled.read_text().splitlines() if line]
+    found: dict[str, FirstTurn] = {}
+    for record in iter_records(source, split="train"):
+        if record.id in wanted:
+            turn = first_turn(record)
+            if isinstance(turn, FirstTurn):
+                found[turn.id] = turn
+        if len(found) == len(set(wanted)):
+            break
+    missing = [i for i in wanted if i not in found]
+    if missing:
+        raise RuntimeError(f"{len(missing)} distilled ids not found in {source} (e.g. "
+                           f"{missing[:3]}); was distilled.jsonl made from another source?")
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rid in wanted:
+            t = found[rid]
+            f.write(json.dumps({"id": t.id, "source": t.source, "origin": "original",
+                                "messages": t.prompt + [{"role": "assistant",
+                                                         "content": t.reference}]},
+                               ensure_ascii=False) + "\n")
+    tmp.replace(out)
+    return len(wanted)
+
+
+def run(cfg: PipelineConfig, console: Console | None = None) -> dict[str, Any]:
+    from specdec import distill, finetune, prune
+
+    console = console or Console()
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
+    preset = PRESETS[cfg.preset]
+    run_dir = Path(cfg.run or f"runs/{cfg.preset}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "pipeline.json").write_text(json.dumps(
+        {"config": asdict(cfg), "preset": asdict(preset)}, indent=2, default=str))
+    log = StageLog()
+    distilled, original = run_dir / "distilled.jsonl", run_dir / "original.jsonl"
+
+    for cut in preset.cuts:
+        pruned = run_dir / cut.name / "pruned"
+        _stage(log, console, f"prune {cut.name}", _checkpoint_done(pruned, "prune"),
+               lambda: prune.run(prune.PruneConfig(
+                   target=cfg.target, out=str(pruned), drop=cut.drop, keep=cut.keep,
+                   select="acceptance", calib_n=preset.prune_calib_n), console))
+
+    distill_done = (distilled.is_file() and
+                    Path(f"{distilled}.summary.json").is_file())
+    _stage(log, console, "distill", distill_done, lambda: distill.run(distill.DistillConfig(
+        out=str(distilled), target=cfg.target, n=preset.distill_n,
+        max_new_tokens=preset.distill_max_new_tokens, batch_size=preset.distill_batch_size),
+        console=console))
+    _stage(log, console, "original answers (SFT data)", original.is_file(),
+           lambda: write_original(distilled, original))
+
+    benches = []
+    for cut in preset.cuts:
+        pruned = run_dir / cut.name / "pruned"
+        drafts = {"pruned": pruned}
+        variants = [("sft", original, 0.0), ("sd", distilled, 0.0)]
+        if preset.kd:
+            variants.append(("sd-kd", distilled, preset.kd))
+        for label, data, kd in variants:
+            out = run_dir / cut.name / label
+            drafts[label] = out
+            extra = dict(kd=kd, target=cfg.target) if kd else {}
+            _stage(log, console, f"finetune {cut.name}/{label}", _checkpoint_done(out, "finetune"),
+                   lambda out=out, data=data, extra=extra: finetune.run(finetune.FinetuneConfig(
+                       draft=str(pruned), out=str(out), data=str(data), **preset.finetune,
+                       **extra), console))
+        bench_dir = run_dir / cut.name / "bench"
+        benches.append((cut, bench_dir))
+        if cfg.skip_bench:
+            continue
+        cmd = [sys.executable, str(ROOT / "bench" / "acceptance.py"), "--target", cfg.target,
+               "--turns", str(preset.eval_turns), "--max-new-tokens",
+               str(preset.eval_max_new_tokens), "--k", str(preset.k),
+               "--latency-n", str(preset.latency_n), "--latency-tokens",
+               str(preset.latency_tokens), "--out", str(bench_dir)]
+        if preset.eval_n:
+            cmd += ["--n", str(preset.eval_n)]
+        for label, path in drafts.items():
+            cmd += ["--draft", f"{label}={path}"]
+        _stage(log, console, f"bench {cut.name}", (bench_dir / "acceptance.json").is_file(),
+               lambda cmd=cmd: _run_bench(cmd))
+
+    summary = report(run_dir, benches, console)
+    table = Table(title=f"pipeline {cfg.preset}: stages")
+    for col in ("stage", "status", "seconds"):
+        table.add_column(col)
+    for stage, status, seconds in log.rows:
+        table.add_row(stage, status, f"{seconds:.0f}")
+    console.print(table)
+    return summary
+
+
+def _run_bench(cmd: list[str]) -> None:
+    script = Path(cmd[1])
+    if not script.is_file():
+        raise RuntimeError(f"{script} is missing: the bench stage needs a checkout of the "
+                           f"repository (bench/ is not installed with the package)")
+    subprocess.run(cmd, check=True)
+
+
+def report(run_dir: Path, benches: list[tuple[Cut, Path]], console: Console) -> dict[str, Any]:
+    lines = [f"# specdec run {run_dir.name}", ""]
+    summary: dict[str, Any] = {}
+    for cut, bench_dir in benches:
+        file = bench_dir / "acceptance.json"
+        if not file.is_file():
+            lines.append(f"{cut.name}: no bench results (run without --skip-bench)")
+            continue
+        result = json.loads(file.read_text())
+        table = Table(title=f"{cut.name}: drafts vs the target ({result['answers']} answers)")
+        for col in ("draft", "layers", "top-1", "alpha", "MAL k=1", "MAL k=4", "MAL k=8",
+                    "FLOPs/token vs target"):
+            table.add_column(col)
+        fl = {f["draft"]: f for f in result["flops"]}
+        for q in result["quality"]:
+            f = fl[q["draft"]]
+            table.add_row(q["draft"], str(q["layers"]), f"{q['top1_agreement']:.3f}",
+                          f"{q['alpha']:.3f}", f"{q['mal']['1']:.2f}", f"{q['mal']['4']:.2f}",
+                          f"{q['mal']['8']:.2f}",
+                          f"{f['flops_per_committed_token'] / f['target_flops_per_token']:.2f}x")
+        console.print(table)
+        summary[cut.name] = {q["draft"]: q["mal"]["4"] for q in result["quality"]}
+        lines += [f"## {cut.name}", "", f"Full report: [{cut.name}/bench/report.md]"
+                  f"({cut.name}/bench/report.md)", ""]
+        lines += (bench_dir / "report.md").read_text().splitlines()[2:] + [""]
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    console.print(f"report: {run_dir / 'report.md'}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m specdec.pipeline",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="quick", choices=list(PRESETS))
+    parser.add_argument("--run", default="", help="run folder (default runs/<preset>)")
+    parser.add_argument("--target", default=DEFAULT_TARGET)
+    parser.add_argument("--skip-bench", action="store_true")
+    args = parser.parse_args(argv)
+    run(PipelineConfig(**vars(args)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

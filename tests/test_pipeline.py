@@ -1,0 +1,41 @@
+"""The main job end to end on a tiny target: every stage runs, then every stage is skipped."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import make_tiny_llama
+from specdec.models import save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_pipeline_smoke_runs_then_resumes(tmp_path, smollm2_path):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    target = save_checkpoint(make_tiny_llama(seed=0, vocab_size=49152, num_layers=3), tokenizer,
+                             tmp_path / "tiny-target", {"stage": "test"})
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "specdec.pipeline", "--preset", "smoke", "--target", str(target),
+           "--run", str(run)]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900,
+                           env={**__import__("os").environ, "COLUMNS": "200"})
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for stage in ("pruned", "sft", "sd", "sd-kd"):
+        manifest = json.loads((run / "drop1" / stage / "specdec.json").read_text())
+        assert manifest["num_layers"] == 2
+    assert len((run / "distilled.jsonl").read_text().splitlines()) == 4
+    assert len((run / "original.jsonl").read_text().splitlines()) == 4
+    result = json.loads((run / "drop1" / "bench" / "acceptance.json").read_text())
+    assert [q["draft"] for q in result["quality"]] == ["pruned", "sft", "sd", "sd-kd"]
+    assert all(c["agree"] for c in result["engine_check"].values())
+    assert "## drop1" in (run / "report.md").read_text()
+
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                           env={**__import__("os").environ, "COLUMNS": "200"})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("done already, skipped") == 7  # prune, distill, original, 3 finetunes, bench
