@@ -50,6 +50,7 @@ class Preset:
     distill_n: int
     distill_max_new_tokens: int
     distill_batch_size: int
+    distill_max_answer_tokens: int  # records whose original answer is longer are not used
     finetune: dict[str, Any]  # FinetuneConfig fields shared by every draft (one recipe)
     kd: float  # 0: no KD draft
     prune_calib_n: int
@@ -65,7 +66,8 @@ PRESETS: dict[str, Preset] = {
     # Sized for a 2-core CPU: about 25 minutes end to end.
     "quick": Preset(
         cuts=(Cut("drop6", drop=6),),
-        distill_n=48, distill_max_new_tokens=128, distill_batch_size=16,
+        distill_n=48, distill_max_new_tokens=160, distill_batch_size=16,
+        distill_max_answer_tokens=128,
         finetune=dict(method="full", epochs=1, batch_size=8, micro_batch_size=4,
                       max_seq_len=320, lr=5e-5),
         kd=0.0, prune_calib_n=32, eval_n=24, eval_turns=1, eval_max_new_tokens=64,
@@ -75,7 +77,8 @@ PRESETS: dict[str, Preset] = {
     # a KD variant, all 80 MT-Bench questions with both turns.
     "paper": Preset(
         cuts=(Cut("drop6", drop=6), Cut("keep12", keep=12)),
-        distill_n=1024, distill_max_new_tokens=192, distill_batch_size=32,
+        distill_n=1024, distill_max_new_tokens=256, distill_batch_size=32,
+        distill_max_answer_tokens=192,
         finetune=dict(method="full", epochs=1, batch_size=16, micro_batch_size=8,
                       max_seq_len=384, lr=1e-4),
         kd=0.5, prune_calib_n=128, eval_n=None, eval_turns=2, eval_max_new_tokens=96,
@@ -85,6 +88,7 @@ PRESETS: dict[str, Preset] = {
     "smoke": Preset(
         cuts=(Cut("drop1", drop=1),),
         distill_n=4, distill_max_new_tokens=8, distill_batch_size=4,
+        distill_max_answer_tokens=512,
         finetune=dict(method="full", max_steps=2, batch_size=2, micro_batch_size=2,
                       max_seq_len=64),
         kd=0.5, prune_calib_n=4, eval_n=2, eval_turns=1, eval_max_new_tokens=8,
@@ -179,7 +183,8 @@ def run(cfg: PipelineConfig, console: Console | None = None) -> dict[str, Any]:
                     Path(f"{distilled}.summary.json").is_file())
     _stage(log, console, "distill", distill_done, lambda: distill.run(distill.DistillConfig(
         out=str(distilled), target=cfg.target, n=preset.distill_n,
-        max_new_tokens=preset.distill_max_new_tokens, batch_size=preset.distill_batch_size),
+        max_new_tokens=preset.distill_max_new_tokens, batch_size=preset.distill_batch_size,
+        max_answer_tokens=preset.distill_max_answer_tokens),
         console=console))
     _stage(log, console, "original answers (SFT data)", original.is_file(),
            lambda: write_original(distilled, original))

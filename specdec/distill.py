@@ -1,0 +1,784 @@
+"""Self-data distillation: the unpruned target rewrites the training answers in its own words.
+
+    python -m specdec.distill --target smollm2-135m-instruct --data sharegpt --n 1000 \
+        --out runs/x/distilled.jsonl [--mode rewrite|regenerate] [--batch-size 16] \
+        [--max-new-tokens 256] [--engine transformers|vllm]
+
+Records: the first turn of each training record (system messages before the first user turn,
+the first user turn, and the assistant answer right after it). For built-in sources the train
+split is used (the test split stays held out); a local file is used whole. A prompt longer than
+--max-prompt-tokens is skipped and counted (so is an answer longer than --max-answer-tokens,
+when given); the reference shown to the target is cut to --max-reference-tokens.
+
+Modes:
+- `rewrite` (the paper's self-data distillation, arXiv 2410.09982): the target sees the
+  instruction and the original answer as a reference and answers in its own words. Math-like
+  records (a simple detector: arithmetic in the instruction, or an explicit final answer in the
+  reference) get a math template asking for the final answer as "The answer is: N".
+  --template chat (default) keeps the instruction as the user turn and puts the reference in
+  the system message; --template paper is the paper's single "### Instruction / ### Reference
+  Answer / ### Response" message.
+- `regenerate`: the target answers the instruction alone (how EAGLE and Medusa build data).
+
+Greedy by default (--temperature 0). Every generation goes through a filter; a rejected one
+falls back to the original answer and the record says so (`origin: "fallback"`, `reason`).
+Reasons, first match wins: `empty`, `repetition` (a loop: a large share of repeated 4-grams, or
+a line repeated), `truncated` (hit --max-new-tokens), `template_leak` ("reference answer",
+"### Response:", "your response", ... when the instruction itself does not say it), and
+`math_mismatch` (the final number differs from the reference's).
+
+Engines: `transformers` (default; batched `generate` with left padding and the KV cache, prompts
+sorted by length so a batch holds similar lengths) and `vllm` (offline `LLM.generate` on token
+ids, for GPU clusters; needs vLLM importable, fails with a clear message otherwise;
+--vllm-kv-cache-gib and --vllm-eager make it start on a shared CPU box too).
+
+Output: `--out` (JSONL, one record a line, in data order: id, source, messages ending in the
+final answer, origin, reason, mode, target, math, generated_tokens, and the rejected text of a
+fallback), written atomically when complete, plus `<out>.summary.json`. While running, each
+finished batch is appended to `<out>.partial` and fsynced: an interrupted run loses at most the
+batch in flight, and a rerun with the same arguments skips every record already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+import types
+import typing
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+from specdec.data import BUILTIN, DataError, LoadReport, chat_ids, iter_records, source_file
+from specdec.hub import SOURCES, file_sha256
+from specdec.models import DEFAULT_TARGET, resolve_model, write_json_atomic
+
+MODES = ("rewrite", "regenerate")
+ENGINES = ("transformers", "vllm")
+REASONS = ("empty", "repetition", "truncated", "template_leak", "math_mismatch")
+
+
+
+@dataclass(frozen=True)
+class RewriteTemplate:
+    """A rewrite prompt: an optional system message and the user message, both formatted with
+    {instruction} and {reference}."""
+
+    system: str | None
+    user: str
+
+
+_KEEP_OWN = ("use it as a guide for the content, but write your own answer in your own words. "
+             "Do not mention or quote the reference.")
+TEMPLATES: dict[str, dict[str, RewriteTemplate]] = {
+    # The instruction stays the user turn, as at inference; the reference rides in the system
+    # message. Small targets continue "### ..." layouts instead of answering, this one less so.
+    "chat": {
+        "general": RewriteTemplate(
+            system="You are a helpful AI assistant. Answer the user's message. Below is a "
+                   "reference answer to it, written by someone else: " + _KEEP_OWN
+                   + "\n\nReference answer:\n{reference}",
+            user="{instruction}"),
+        "math": RewriteTemplate(
+            system="You are a helpful AI assistant. Solve the user's problem step by step and "
+                   "end with the final answer in the form \"The answer is: <number>\". Below "
+                   "is a reference solution, written by someone else: " + _KEEP_OWN
+                   + "\n\nReference solution:\n{reference}",
+            user="{instruction}"),
+    },
+    # The layout of arXiv 2410.09982 (after Yang et al. 2024): one user message.
+    "paper": {
+        "general": RewriteTemplate(
+            system=None,
+            user="Below is an instruction that describes a task, along with a reference "
+                 "answer. Using the reference answer as a guide, write your own response.\n\n"
+                 "### Instruction:\n{instruction}\n\n### Reference Answer:\n{reference}"
+                 "\n\n### Response:"),
+        "math": RewriteTemplate(
+            system=None,
+            user="Below is an instruction that describes a task, along with a reference "
+                 "answer. Using the reference answer as a guide, write your own response, and "
+                 "end with the final answer in the form \"The answer is: <number>\".\n\n"
+                 "### Instruction:\n{instruction}\n\n### Reference Answer:\n{reference}"
+                 "\n\n### Response:"),
+    },
+}
+
+# Phrases that show the generation talks about the rewriting task instead of answering. Each is
+# a leak only when the instruction itself does not contain it (a user may ask for a rewrite).
+LEAK_PATTERNS = (
+    "reference answer", "reference solution", "reference response", "the reference",
+    "original response", "original answer", "example answer", "provided answer",
+    "### response", "### instruction", "### reference", "### problem", "your response",
+    "your answer", "in your own words", "in my own words", "as a guide",
+)
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def config_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one `--flag` per field of dataclass `cls` (the one place for
+    defaults). Field metadata may give `help` and `choices`; bools become --x/--no-x, lists
+    take several values, and a `T | None` field also takes 'none' (or 'all')."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        args = typing.get_args(typ)
+        optional = typing.get_origin(typ) in (typing.Union, types.UnionType)
+        if optional:
+            typ = next(a for a in args if a is not type(None))
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = argparse.SUPPRESS if required else (
+            f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        kwargs: dict[str, Any] = dict(dest=f.name,
+                                      help=f.metadata.get("help", "(default: %(default)s)"))
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        flag = "--" + f.name.replace("_", "-")
+        if typ is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                **kwargs)
+        elif typing.get_origin(typ) is list:
+            parser.add_argument(flag, nargs="+", type=typing.get_args(typ)[0], default=default,
+                                required=required, **kwargs)
+        else:
+            parser.add_argument(flag, type=_or_none(typ) if optional else typ, default=default,
+                                required=required, **kwargs)
+    return parser
+
+
+def _or_none(typ: type):
+    def parse(text: str):
+        return None if text.lower() in ("none", "all") else typ(text)
+
+    parse.__name__ = typ.__name__  # argparse names the type in its error message
+    return parse
+
+
+def config_from_args(cls: type, ns: argparse.Namespace):
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+
+# ---------------------------------------------------------------------------- config
+
+
+@dataclass
+class DistillConfig:
+    out: str = field(metadata={"help": "output JSONL (the summary goes to <out>.summary.json)"})
+    target: str = field(default=DEFAULT_TARGET,
+                        metadata={"help": "the unpruned target: registry name or checkpoint dir"})
+    data: str = field(default="sharegpt", metadata={"help": "sharegpt | path/to/file.json[l]"})
+    n: int | None = field(default=1000, metadata={"help": "records to write ('all': every one)"})
+    split: str = field(default="train", metadata={
+        "help": "split of a built-in source (local files are used whole)",
+        "choices": ["train", "test", "all"]})
+    mode: str = field(default="rewrite", metadata={"choices": list(MODES), "help":
+                      "rewrite: answer with the original as reference; regenerate: answer alone"})
+    template: str = field(default="chat", metadata={
+        "choices": ["chat", "paper"], "help": "rewrite prompt layout: chat (reference in the "
+        "system message, instruction as the user turn) or paper (one '### ...' message)"})
+    engine: str = field(default="transformers", metadata={"choices": list(ENGINES)})
+    batch_size: int = field(default=16, metadata={
+        "help": "prompts per generate call, and per append to the output (vllm: use ~512)"})
+    max_new_tokens: int = 256
+    max_prompt_tokens: int = field(default=512, metadata={
+        "help": "skip (and count) records whose chat-templated prompt is longer"})
+    max_reference_tokens: int = field(default=384, metadata={
+        "help": "the reference shown in a rewrite prompt is cut to this many tokens"})
+    max_answer_tokens: int | None = field(default=None, metadata={
+        "help": "skip (and count) records whose original answer is longer: the target tends to "
+                "answer at the reference's length, so answers much longer than "
+                "--max-new-tokens mostly end truncated (and fall back)"})
+    temperature: float = field(default=0.0, metadata={"help": "0 is greedy"})
+    top_p: float = 1.0
+    seed: int = 0
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    vllm_kv_cache_gib: float | None = field(default=None, metadata={
+        "help": "--engine vllm: a fixed KV cache size (e.g. 1 on a CPU box shared with others; "
+                "default: vLLM sizes it from its memory utilization)"})
+    vllm_eager: bool = field(default=False, metadata={
+        "help": "--engine vllm: no compilation or CUDA graphs (quick start for small runs)"})
+    repeat_ngram: int = field(default=4, metadata={"help": "n of the repetition filter"})
+    max_repeat_share: float = field(default=0.5, metadata={
+        "help": "reject when more than this share of the n-grams are repeats"})
+    max_line_repeats: int = field(default=5, metadata={
+        "help": "reject when a line (8+ chars) appears more often than this"})
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template must be one of {tuple(TEMPLATES)}, got {self.template!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("--batch-size and --max-new-tokens must be at least 1")
+        if self.n is not None and self.n < 1:
+            raise ValueError(f"--n must be at least 1 (or omitted for all), got {self.n}")
+
+
+@dataclass
+class DistillResult:
+    out: Path
+    summary_path: Path
+    summary: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------- records
+
+
+@dataclass
+class FirstTurn:
+    """One training example: the prompt up to the first user turn, and the original answer."""
+
+    id: str
+    source: str
+    prompt: list[dict[str, str]]  # system messages, then the first user turn
+    reference: str  # the original answer to the first user turn
+    category: str | None = None
+
+    @property
+    def instruction(self) -> str:
+        return self.prompt[-1]["content"]
+
+
+def first_turn(record) -> FirstTurn | str:
+    """The first turn of a Record, or the reason it has none ('not_first_turn', 'no_reference')."""
+    prompt = []
+    for i, m in enumerate(record.messages):
+        if m["role"] == "system":
+            prompt.append(m)
+            continue
+        if m["role"] != "user":
+            return "not_first_turn"  # a conversation part that starts mid-dialogue
+        prompt.append(m)
+        nxt = record.messages[i + 1] if i + 1 < len(record.messages) else None
+        if nxt is None or nxt["role"] != "assistant" or not nxt["content"].strip():
+            return "no_reference"
+        return FirstTurn(record.id, record.source, prompt, nxt["content"], record.category)
+    return "no_reference"
+
+
+def first_turns(source: str, tokenizer, n: int | None = None, split: str = "train",
+                max_prompt_tokens: int = 512, counts: Counter | None = None,
+                max_answer_tokens: int | None = None) -> list[FirstTurn]:
+    """The first n usable first turns of `source`, in data order.
+
+    Built-in sources are read in `split`; local files whole. Records that start mid-dialogue,
+    have no answer, whose chat-templated prompt exceeds `max_prompt_tokens`, or (if given)
+    whose answer exceeds `max_answer_tokens` are skipped and counted in `counts`. distill and finetune both select with this, so an SFT run on
+    `--data sharegpt --n N` trains on the same records that distill rewrote with `--n N`.
+    """
+    counts = counts if counts is not None else Counter()
+    report = LoadReport()
+    out: list[FirstTurn] = []
+    for record in iter_records(source, split=split if source in BUILTIN else "all",
+                               report=report):
+        turn = first_turn(record)
+        if isinstance(turn, str):
+            counts[turn] += 1
+            continue
+        if len(chat_ids(tokenizer, turn.prompt)) > max_prompt_tokens:
+            counts["prompt_too_long"] += 1
+            continue
+        if max_answer_tokens is not None and len(
+                tokenizer(turn.reference, add_special_tokens=False)["input_ids"]) \
+                > max_answer_tokens:
+            counts["answer_too_long"] += 1
+            continue
+        out.append(turn)
+        if n is not None and len(out) >= n:
+            break
+    if report.skipped:
+        counts["malformed"] += report.skipped
+    return out
+
+
+def data_sha256(source: str) -> str:
+    """The sha256 of a data source's file (pinned for built-ins, hashed for local files)."""
+    if source in SOURCES:
+        return SOURCES[source].sha256
+    path, _ = source_file(source)  # a clear DataError for a missing or unsupported file
+    return file_sha256(path)
+
+
+# ---------------------------------------------------------------------------- prompts
+
+
+_NUM = r"-?\d[\d,]*(?:\.\d+)?"
+_ANSWER_MARKERS = (
+    re.compile(rf"####\s*\$?\s*({_NUM})"),
+    re.compile(rf"\\boxed\{{\s*\$?\s*({_NUM})"),
+    re.compile(rf"answer\s+is\s*:?\s*\$?\s*\**\s*({_NUM})", re.I),
+)
+_ARITHMETIC = re.compile(r"\d\s*[-+*/×÷^]\s*\(?\d")
+_STATED_NUMBER = re.compile(rf"(=|\bis\b|\bare\b)\s*\$?\s*\**\s*{_NUM}\s*\**\s*[a-z%]*\.?\s*$",
+                            re.I)
+_MATH_WORDS = re.compile(
+    r"\b(calculate|compute|solve|evaluate|how many|how much|sum of|product of|percent|"
+    r"probability|equation|average)\b", re.I)
+
+
+def final_number(text: str) -> str | None:
+    """The final numeric answer of a text: after '####', in '\\boxed{}', after 'answer is',
+    else the last number in it; commas removed."""
+    for pattern in _ANSWER_MARKERS:
+        found = pattern.findall(text)
+        if found:
+            return found[-1].replace(",", "")
+    numbers = re.findall(_NUM, text)
+    return numbers[-1].replace(",", "").rstrip(".") if numbers else None
+
+
+def same_number(a: str, b: str) -> bool:
+    try:
+        x, y = float(a), float(b)
+    except ValueError:
+        return a == b
+    return math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9)
+
+
+def is_math(instruction: str, reference: str) -> bool:
+    """A simple detector of math word problems: the reference marks its final answer
+    ('####', \\boxed, 'the answer is N'), or the instruction is a short question with arithmetic
+    or a math word in it (no code) and the reference's last line states a number after '=' or
+    'is'."""
+    if any(p.search(reference) for p in _ANSWER_MARKERS):
+        return True
+    if len(instruction) > 600 or "```" in instruction or "```" in reference:
+        return False
+    if not (_ARITHMETIC.search(instruction) or _MATH_WORDS.search(instruction)):
+        return False
+    lines = [line for line in reference.strip().splitlines() if line.strip()]
+    return bool(lines) and bool(_STATED_NUMBER.search(lines[-1]))
+
+
+def rewrite_messages(turn: FirstTurn, tokenizer, mode: str, max_reference_tokens: int,
+                     template: str = "chat") -> tuple[list[dict[str, str]], bool]:
+    """(messages the target answers, whether the record is math-like). Math-like records get
+    the math template in rewrite mode, and the final-answer check in both modes."""
+    math_like = is_math(turn.instruction, turn.reference)
+    if mode == "regenerate":
+        return list(turn.prompt), math_like
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)}")
+    reference = turn.reference
+    ref_ids = tokenizer(reference, add_special_tokens=False)["input_ids"]
+    if len(ref_ids) > max_reference_tokens:
+        reference = tokenizer.decode(ref_ids[:max_reference_tokens]) + " ..."
+    chosen = TEMPLATES[template]["math" if math_like else "general"]
+    fields = dict(instruction=turn.instruction, reference=reference)
+    own_system = "\n\n".join(m["content"] for m in turn.prompt if m["role"] == "system")
+    system = chosen.system.format(**fields) if chosen.system else None
+    if own_system:
+        system = own_system + ("\n\n" + system if system else "")
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": chosen.user.format(**fields)}], math_like
+
+
+# ---------------------------------------------------------------------------- filter
+
+
+def repetition_loop(text: str, n: int = 4, max_share: float = 0.5, max_line_repeats: int = 5,
+                    min_ngrams: int = 16) -> bool:
+    """A generation stuck in a loop: more than `max_share` of its word/punctuation n-grams
+    (numbers count as equal, so "step 1: ... step 2: ..." loops too) repeat an earlier one, or
+    one line of 8+ characters appears more than `max_line_repeats` times."""
+    units = re.findall(r"\w+|[^\w\s]+", re.sub(r"\d+", "0", text))  # a counting loop repeats
+    grams = [tuple(units[i:i + n]) for i in range(len(units) - n + 1)]
+    if len(grams) >= min_ngrams and 1 - len(set(grams)) / len(grams) > max_share:
+        return True
+    lines = Counter(s for line in text.splitlines() if len(s := line.strip()) >= 8)
+    return bool(lines) and max(lines.values()) > max_line_repeats
+
+
+def template_leak(text: str, instruction: str) -> str | None:
+    """The first leak phrase in `text` that the instruction does not itself contain."""
+    low, asked = text.lower(), instruction.lower()
+    for phrase in LEAK_PATTERNS:
+        if phrase in low and phrase not in asked:
+            return phrase
+    return None
+
+
+def reject_reason(text: str, *, instruction: str, reference: str, finished: bool,
+                  math_like: bool, n: int = 4, max_repeat_share: float = 0.5,
+                  max_line_repeats: int = 5) -> str | None:
+    """Why a generation is rejected (one of REASONS), or None to keep it."""
+    if not re.search(r"\w", text):
+        return "empty"
+    if repetition_loop(text, n, max_repeat_share, max_line_repeats):
+        return "repetition"
+    if not finished:
+        return "truncated"
+    if template_leak(text, instruction):
+        return "template_leak"
+    if math_like:
+        got, want = final_number(text), final_number(reference)
+        if got is None or want is None or not same_number(got, want):
+            return "math_mismatch"
+    return None
+
+
+# ---------------------------------------------------------------------------- generators
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]  # generated tokens, the stop token excluded
+    text: str
+    finished: bool  # ended with a stop token (False: cut at max_new_tokens)
+
+
+class Generator(Protocol):
+    def __call__(self, prompts: list[list[int]]) -> list[Generation]: ...
+
+
+def stop_token_ids(config, generation_config, tokenizer) -> list[int]:
+    """Every end-of-sequence id the config, the generation config and the tokenizer name."""
+    ids: set[int] = set()
+    for value in (getattr(generation_config, "eos_token_id", None),
+                  getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    if not ids:
+        raise ValueError("the model and tokenizer name no eos token; set eos_token_id in "
+                         "generation_config.json")
+    return sorted(ids)
+
+
+class TransformersGenerator:
+    """Batched `model.generate`: left padding, KV cache, greedy or sampled."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0):
+        import torch
+
+        self.torch = torch
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.seed, self.calls = seed, 0
+        self.stop_ids = stop_token_ids(model.config, model.generation_config, tokenizer)
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.stop_ids[0]
+
+    def __call__(self, prompts: list[list[int]]) -> list[Generation]:
+        torch = self.torch
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):  # left padding: every prompt ends at the same column
+            input_ids[row, width - len(p):] = torch.tensor(p)
+            attention_mask[row, width - len(p):] = 1
+        sample = self.temperature > 0
+        kwargs: dict[str, Any] = dict(do_sample=sample, max_new_tokens=self.max_new_tokens,
+                                      pad_token_id=self.pad_id, eos_token_id=self.stop_ids,
+                                      use_cache=True)
+        if sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
+            torch.manual_seed(self.seed + self.calls)
+        else:  # silence the checkpoint's sampling defaults under greedy
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        self.calls += 1
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=input_ids.to(device),
+                                      attention_mask=attention_mask.to(device), **kwargs)
+        results = []
+        stops = set(self.stop_ids)
+        for row in out[:, width:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in stops), None)
+            tokens = row if cut is None else row[:cut]
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            results.append(Generation(tokens, text, finished=cut is not None))
+        return results
+
+
+class VLLMGenerator:
+    """vLLM offline batch generation (`LLM.generate` on token ids)."""
+
+    def __init__(self, model_path: str | Path, max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, max_model_len: int | None = None,
+                 stop_ids: list[int] | None = None, kv_cache_gib: float | None = None,
+                 eager: bool = False):
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError as exc:
+            raise RuntimeError(
+                "--engine vllm needs vLLM, which is not importable here "
+                f"({exc}). Install it on a GPU machine (`pip install vllm`), or use "
+                "--engine transformers."
+            ) from exc
+        self.stop_ids = set(stop_ids or [])
+        kwargs: dict[str, Any] = {}
+        if kv_cache_gib:  # a fixed KV cache instead of a share of all (GPU or CPU) memory
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
+        self.llm = LLM(model=str(model_path), seed=seed, max_model_len=max_model_len,
+                       enforce_eager=eager, **kwargs)
+        self.params = SamplingParams(temperature=temperature, top_p=top_p,
+                                     max_tokens=max_new_tokens, seed=seed,
+                                     stop_token_ids=sorted(self.stop_ids) or None)
+
+    def __call__(self, prompts: list[list[int]]) -> list[Generation]:
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], self.params,
+                                 use_tqdm=False)
+        results = []
+        for out in outs:
+            c = out.outputs[0]
+            tokens = list(c.token_ids)
+            if tokens and tokens[-1] in self.stop_ids:
+                tokens = tokens[:-1]  # vLLM keeps the stop token in token_ids
+            results.append(Generation(tokens, c.text.strip(), c.finish_reason == "stop"))
+        return results
+
+
+def make_generator(cfg: DistillConfig, console: Console) -> tuple[Generator, Any]:
+    """(generator, tokenizer) for the config's engine."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model(cfg.target, console)
+    if cfg.engine == "vllm":
+        from transformers import AutoConfig, GenerationConfig
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        generation_config = GenerationConfig.from_pretrained(path) \
+            if (path / "generation_config.json").is_file() else None
+        stop_ids = stop_token_ids(AutoConfig.from_pretrained(path), generation_config, tokenizer)
+        gen = VLLMGenerator(path, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed,
+                            max_model_len=cfg.max_prompt_tokens + cfg.max_reference_tokens
+                            + cfg.max_new_tokens + 256,
+                            stop_ids=stop_ids, kv_cache_gib=cfg.vllm_kv_cache_gib,
+                            eager=cfg.vllm_eager)
+        return gen, tokenizer
+    import torch
+
+    from specdec.models import load_model
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" \
+        else cfg.device
+    model, tokenizer = load_model(path, device=device)
+    return TransformersGenerator(model, tokenizer, cfg.max_new_tokens, cfg.temperature,
+                                 cfg.top_p, cfg.seed), tokenizer
+
+
+# ---------------------------------------------------------------------------- output files
+
+
+def partial_path(out: str | Path) -> Path:
+    return Path(f"{out}.partial")
+
+
+def summary_path(out: str | Path) -> Path:
+    return Path(f"{out}.summary.json")
+
+
+def read_done(path: Path) -> dict[str, dict[str, Any]]:
+    """Records already written to a JSONL file, by id. A last line cut off by an interrupt is
+    dropped (the file is rewritten without it); a bad line elsewhere is an error."""
+    if not path.is_file():
+        return {}
+    done: dict[str, dict[str, Any]] = {}
+    lines = path.read_bytes().split(b"\n")
+    good_bytes, bad = 0, None
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            good_bytes += len(raw) + 1
+            continue
+        try:
+            obj = json.loads(raw)
+            if not isinstance(obj, dict) or "id" not in obj:
+                raise ValueError("not a record")
+        except ValueError:
+            bad = i
+            break
+        done[str(obj["id"])] = obj
+        good_bytes += len(raw) + 1
+    if bad is not None:
+        rest = [ln for ln in lines[bad + 1:] if ln.strip()]
+        if rest:
+            raise DataError(f"{path}:{bad + 1}: not a JSON record, and more lines follow; the "
+                            f"file is damaged: delete it to start over")
+        with open(path, "r+b") as f:  # drop the torn last line
+            f.truncate(min(good_bytes, path.stat().st_size))
+    return done
+
+
+def append_records(path: Path, records: list[dict[str, Any]]) -> None:
+    """Append records as JSONL and fsync, so a finished batch survives a crash."""
+    with open(path, "a", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- run
+
+
+def output_record(turn: FirstTurn, gen: Generation, cfg: DistillConfig, math_like: bool
+                  ) -> dict[str, Any]:
+    reason = reject_reason(gen.text, instruction=turn.instruction, reference=turn.reference,
+                           finished=gen.finished, math_like=math_like, n=cfg.repeat_ngram,
+                           max_repeat_share=cfg.max_repeat_share,
+                           max_line_repeats=cfg.max_line_repeats)
+    answer = turn.reference if reason else gen.text
+    record = {
+        "id": turn.id, "source": turn.source,
+        "messages": turn.prompt + [{"role": "assistant", "content": answer}],
+        "origin": "fallback" if reason else "distilled", "reason": reason,
+        "mode": cfg.mode, "target": cfg.target, "math": math_like,
+        "generated_tokens": len(gen.token_ids),
+    }
+    if reason:
+        record["rejected"] = gen.text
+    return record
+
+
+def summarize(records: list[dict[str, Any]], skipped: Counter, cfg: DistillConfig,
+              tokens: int, seconds: float) -> dict[str, Any]:
+    reasons = Counter(r["reason"] for r in records if r["reason"])
+    kept = sum(r["origin"] == "distilled" for r in records)
+    return {
+        "out": str(cfg.out), "records": len(records), "distilled": kept,
+        "fallback": len(records) - kept,
+        "kept_share": round(kept / len(records), 4) if records else 0.0,
+        "reasons": {r: reasons.get(r, 0) for r in REASONS},
+        "math_records": sum(bool(r.get("math")) for r in records),
+        "skipped": dict(sorted(skipped.items())),
+        "generated_tokens_total": sum(r.get("generated_tokens", 0) for r in records),
+        "generated_tokens_this_run": tokens, "generation_seconds_this_run": round(seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else None,
+        "data": cfg.data, "data_sha256": data_sha256(cfg.data),
+        "config": dataclasses.asdict(cfg),
+    }
+
+
+def run(cfg: DistillConfig, generator: Generator | None = None, tokenizer=None,
+        console: Console | None = None) -> DistillResult:
+    """Distill `cfg.n` records (resuming from `<out>.partial` and `<out>`), write `cfg.out`
+    and its summary. `generator`/`tokenizer` replace the engine the config names (tests)."""
+    console = console or Console(stderr=True)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if generator is None:
+        generator, tokenizer = make_generator(cfg, console)
+    elif tokenizer is None:
+        raise ValueError("run(cfg, generator=...) also needs the tokenizer the prompts use")
+
+    skipped: Counter = Counter()
+    turns = first_turns(cfg.data, tokenizer, cfg.n, cfg.split, cfg.max_prompt_tokens, skipped,
+                        cfg.max_answer_tokens)
+    if not turns:
+        raise DataError(f"no usable records in {cfg.data} (skipped: {dict(skipped)}); check "
+                        f"--data, --split and --max-prompt-tokens")
+    part = partial_path(out)
+    done = {**read_done(out), **read_done(part)}
+    for r in done.values():
+        if r.get("mode") != cfg.mode or r.get("target") != cfg.target:
+            raise ValueError(
+                f"{part if part.exists() else out} holds records made with mode "
+                f"{r.get('mode')!r} and target {r.get('target')!r}, not {cfg.mode!r} / "
+                f"{cfg.target!r}: use another --out, or delete it to start over")
+    todo = [t for t in turns if t.id not in done]
+
+    # Prompts, longest first: a batch holds similar lengths, and memory peaks at once.
+    jobs = []
+    for t in todo:
+        messages, math_like = rewrite_messages(t, tokenizer, cfg.mode, cfg.max_reference_tokens,
+                                               cfg.template)
+        jobs.append((t, chat_ids(tokenizer, messages), math_like))
+    jobs.sort(key=lambda j: -len(j[1]))
+
+    tokens, seconds = 0, 0.0
+    if jobs:
+        console.print(f"distill: {len(jobs)} records to generate ({len(turns) - len(jobs)} "
+                      f"already done), mode {cfg.mode}, engine {cfg.engine}")
+    columns = [TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[tps]} tok/s"), TextColumn("kept {task.fields[kept]}"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    kept = sum(r["origin"] == "distilled" for r in done.values())
+    with Progress(*columns, console=console, disable=not jobs) as progress:
+        task = progress.add_task("distill", total=len(jobs), tps="-", kept=kept)
+        for start in range(0, len(jobs), cfg.batch_size):
+            batch = jobs[start:start + cfg.batch_size]
+            t0 = time.perf_counter()
+            gens = generator([ids for _, ids, _ in batch])
+            seconds += time.perf_counter() - t0
+            if len(gens) != len(batch):
+                raise RuntimeError(f"generator returned {len(gens)} results for {len(batch)}")
+            records = [output_record(t, g, cfg, m) for (t, _, m), g in zip(batch, gens)]
+            append_records(part, records)
+            for r in records:
+                done[r["id"]] = r
+            tokens += sum(len(g.token_ids) for g in gens)
+            kept += sum(r["origin"] == "distilled" for r in records)
+            progress.update(task, advance=len(batch), kept=kept,
+                            tps=f"{tokens / seconds:.1f}" if seconds else "-")
+
+    final = [done[t.id] for t in turns]  # data order, exactly the selected records
+    write_jsonl_atomic(out, final)
+    summary = summarize(final, skipped, cfg, tokens, seconds)
+    write_json_atomic(summary_path(out), summary)
+    part.unlink(missing_ok=True)
+    return DistillResult(out, summary_path(out), summary)
+
+
+def print_summary(summary: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"distill: {summary['out']}", show_header=False)
+    table.add_row("records", str(summary["records"]))
+    table.add_row("distilled (kept)", f"{summary['distilled']} ({summary['kept_share']:.1%})")
+    table.add_row("fell back to original", str(summary["fallback"]))
+    for reason, count in summary["reasons"].items():
+        table.add_row(f"  {reason}", str(count))
+    table.add_row("math records", str(summary["math_records"]))
+    for reason, count in summary["skipped"].items():
+        table.add_row(f"skipped: {reason}", str(count))
+    table.add_row("generated tokens (this run)", str(summary["generated_tokens_this_run"]))
+    table.add_row("tokens/s (this run)", str(summary["tokens_per_s"] or "-"))
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = config_parser(DistillConfig, "python -m specdec.distill",
+                           "Self-data distillation: the target rewrites training answers.")
+    cfg = config_from_args(DistillConfig, parser.parse_args(argv))
+    console = Console()
+    try:
+        result = run(cfg, console=console)
+    except (DataError, ValueError, RuntimeError) as exc:
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        return 2
+    print_summary(result.summary, console)
+    console.print(f"wrote {result.out} and {result.summary_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

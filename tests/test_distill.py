@@ -1,0 +1,265 @@
+"""specdec.distill: filter reasons, math detection, templates, record selection, resume, CLI."""
+
+import importlib.util
+import json
+import string
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from conftest import make_tiny_llama
+from specdec import distill
+from specdec.distill import (DistillConfig, Generation, TransformersGenerator, final_number,
+                             first_turns, is_math, reject_reason, rewrite_messages)
+from specdec.models import load_model, save_checkpoint
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '</s>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def tiny_chat_tokenizer(template: str = CHAT_TEMPLATE):
+    """A character-level tokenizer (106 ids) with a chat template, built in memory."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+    vocab = {tok: i for i, tok in enumerate(specials + list(string.printable))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens([AddedToken(s, special=True) for s in specials])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
+                                        bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def save_tiny_chat_model(path, seed=0, num_layers=2, manifest=None, **config):
+    """A tiny random Llama with the tiny chat tokenizer, saved as a checkpoint dir."""
+    tokenizer = tiny_chat_tokenizer()
+    model = make_tiny_llama(seed, num_layers=num_layers, vocab_size=len(tokenizer), **config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return save_checkpoint(model, tokenizer, path, manifest or {"stage": "test"})
+
+
+def write_chat_data(path, n=6):
+    """JSONL records: n usable first turns plus three that selection must skip."""
+    rows = [{"id": f"r{i}", "messages": [
+        {"role": "user", "content": f"Say {'hi ' * (i % 3 + 1)}number {i}"},
+        {"role": "assistant", "content": f"Hi {i}! Here is {i}."},
+        {"role": "user", "content": "more"}, {"role": "assistant", "content": "ok"}]}
+        for i in range(n)]
+    rows.insert(2, {"id": "mid", "messages": [{"role": "assistant", "content": "a"},
+                                              {"role": "user", "content": "b"}]})
+    rows.insert(3, {"id": "noanswer", "messages": [{"role": "user", "content": "alone"}]})
+    rows.insert(4, {"id": "long", "messages": [{"role": "user", "content": "x" * 200},
+                                               {"role": "assistant", "content": "y"}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ---------------------------------------------------------------------------- filter
+
+
+def reason(text, instruction="Tell me about cats.", reference="Cats are pets.", finished=True,
+           math_like=False):
+    return reject_reason(text, instruction=instruction, reference=reference, finished=finished,
+                         math_like=math_like)
+
+
+def test_filter_reasons_on_crafted_strings():
+    assert reason("Cats are small, furry animals that many people keep at home.") is None
+    assert reason("") == "empty"
+    assert reason("  \n ... ") == "empty"
+    assert reason("the cat sat on the mat " * 12) == "repetition"
+    lines = "\n".join(["Intro line here."] + ["- Cats like milk a lot."] * 6)
+    assert reason(lines) == "repetition"
+    assert reason("Cats are lovely animals.", finished=False) == "truncated"
+    assert reason("Based on the reference answer, cats are pets.") == "template_leak"
+    assert reason("### Response:\nCats are pets.") == "template_leak"
+    assert reason("Here is your response: cats are pets.") == "template_leak"
+    assert reason("As in the original response, cats purr.") == "template_leak"
+    # a phrase the user asked for is no leak
+    assert reason("In your own words: cats purr.",
+                  instruction="Explain cats in your own words.") is None
+    math = dict(instruction="What is 12 + 30?", reference="12 + 30 = 42. The answer is: 42",
+                math_like=True)
+    assert reason("12 plus 30 makes 42. The answer is: 42", **math) is None
+    assert reason("12 plus 30 makes 43. The answer is: 43", **math) == "math_mismatch"
+    assert reason("I cannot say.", **math) == "math_mismatch"
+    # first matching reason wins: a loop that also hit the token limit is a repetition
+    assert reason("and again " * 40, finished=False) == "repetition"
+
+
+def test_final_number_and_math_detector():
+    assert final_number("so x = 3 and #### 1,234") == "1234"
+    assert final_number("hence \\boxed{0.5}.") == "0.5"
+    assert final_number("The answer is: $ 17") == "17"
+    assert final_number("first 3, then 4.") == "4"
+    assert final_number("no numbers") is None
+    assert is_math("What is 7 * 6?", "7 * 6 = 42")
+    assert is_math("Natalia sold clips...", "She sold 48 + 24 = 72 clips.\n#### 72")
+    assert is_math("How many apples are left?", "She has 5 - 2 = 3 apples, so the total is 3.")
+    assert not is_math("Write a poem about 3 cats", "Three cats sat...\nIn 2023")
+    assert not is_math("Fix this: ```x = 1 + 2```", "```\nx = 3\n```")
+
+
+# ---------------------------------------------------------------------------- prompts, selection
+
+
+def test_rewrite_and_regenerate_messages():
+    tok = tiny_chat_tokenizer()
+    turn = distill.FirstTurn("a", "t", [{"role": "system", "content": "Be brief."},
+                                        {"role": "user", "content": "Name a color."}],
+                             "Blue is a color. " * 10)
+    msgs, math_like = rewrite_messages(turn, tok, "rewrite", max_reference_tokens=20)
+    assert not math_like and [m["role"] for m in msgs] == ["system", "user"]
+    assert msgs[0]["content"].startswith("Be brief.\n\nYou are a helpful AI assistant.")
+    assert msgs[0]["content"].endswith("Reference answer:\nBlue is a color. Blu ...")  # 20 tokens
+    assert msgs[1] == {"role": "user", "content": "Name a color."}
+    msgs, _ = rewrite_messages(turn, tok, "rewrite", 20, template="paper")
+    assert msgs[0]["content"] == "Be brief." and "### Instruction:\nName a color." in \
+        msgs[1]["content"] and msgs[1]["content"].endswith("### Response:")
+    msgs, _ = rewrite_messages(turn, tok, "regenerate", max_reference_tokens=20)
+    assert msgs == turn.prompt
+    math_turn = distill.FirstTurn("m", "t", [{"role": "user", "content": "What is 2 + 2?"}],
+                                  "2 + 2 = 4")
+    for template in distill.TEMPLATES:
+        msgs, math_like = rewrite_messages(math_turn, tok, "rewrite", 50, template)
+        assert math_like and "The answer is: <number>" in msgs[0]["content"]
+        assert "2 + 2 = 4" in msgs[0]["content"]
+
+
+def test_first_turns_skips_and_counts(tmp_path):
+    data = write_chat_data(tmp_path / "d.jsonl", n=5)
+    counts = Counter()
+    turns = first_turns(str(data), tiny_chat_tokenizer(), n=None, max_prompt_tokens=60,
+                        counts=counts)
+    assert [t.id for t in turns] == [f"r{i}" for i in range(5)]
+    assert counts == {"not_first_turn": 1, "no_reference": 1, "prompt_too_long": 1}
+    assert turns[0].prompt == [{"role": "user", "content": "Say hi number 0"}]
+    assert turns[0].reference == "Hi 0! Here is 0."
+    assert [t.id for t in first_turns(str(data), tiny_chat_tokenizer(), n=2)] == ["r0", "r1"]
+    counts = Counter()
+    turns = first_turns(str(data), tiny_chat_tokenizer(), max_prompt_tokens=60, counts=counts,
+                        max_answer_tokens=15)  # "Hi 0! Here is 0." is 16 characters
+    assert turns == [] and counts["answer_too_long"] == 5
+
+
+# ---------------------------------------------------------------------------- run and resume
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+class FailAfter:
+    """Wraps a generator and raises after `k` successful batches (an interrupt)."""
+
+    def __init__(self, inner, k):
+        self.inner, self.k, self.calls = inner, k, 0
+
+    def __call__(self, prompts):
+        if self.calls == self.k:
+            raise Interrupted("simulated interrupt")
+        self.calls += 1
+        return self.inner(prompts)
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory):
+    return save_tiny_chat_model(tmp_path_factory.mktemp("target") / "tiny", seed=3)
+
+
+def test_resume_after_interrupt_loses_and_duplicates_nothing(tmp_path, tiny_target):
+    data = write_chat_data(tmp_path / "d.jsonl", n=7)
+    model, tok = load_model(tiny_target)
+
+    def cfg(out):
+        return DistillConfig(out=str(out), target=str(tiny_target), data=str(data), n=None,
+                             batch_size=2, max_new_tokens=6, max_prompt_tokens=60)
+
+    def gen():
+        return TransformersGenerator(model, tok, max_new_tokens=6)
+
+    ref = distill.run(cfg(tmp_path / "ref.jsonl"), generator=gen(), tokenizer=tok)
+    ref_lines = ref.out.read_text().splitlines()
+    assert [json.loads(x)["id"] for x in ref_lines] == [f"r{i}" for i in range(7)]
+
+    out = tmp_path / "x.jsonl"
+    with pytest.raises(Interrupted):
+        distill.run(cfg(out), generator=FailAfter(gen(), 2), tokenizer=tok)
+    partial = distill.partial_path(out)
+    assert not out.exists() and len(partial.read_text().splitlines()) == 4  # 2 batches of 2
+    with open(partial, "a") as f:  # a line torn by the interrupt
+        f.write('{"id": "r6", "messa')
+    counting = FailAfter(gen(), 99)
+    result = distill.run(cfg(out), generator=counting, tokenizer=tok)
+    assert counting.calls == 2  # only the 3 missing records were generated, in 2 batches
+    assert not partial.exists()
+    lines = out.read_text().splitlines()
+    assert lines == ref_lines  # nothing lost, nothing duplicated, same records in data order
+    summary = json.loads(distill.summary_path(out).read_text())
+    assert summary["records"] == 7 and summary["distilled"] + summary["fallback"] == 7
+    assert summary["skipped"] == {"no_reference": 1, "not_first_turn": 1, "prompt_too_long": 1}
+    assert sum(summary["reasons"].values()) == summary["fallback"]
+    assert result.summary == summary
+    for rec in map(json.loads, lines):
+        assert rec["origin"] in ("distilled", "fallback") and rec["mode"] == "rewrite"
+        assert rec["messages"][-1]["role"] == "assistant"
+        if rec["origin"] == "fallback":
+            assert rec["reason"] in distill.REASONS
+            assert rec["messages"][-1]["content"].startswith("Hi ")  # the original answer
+    # a rerun finds everything done and generates nothing
+    idle = FailAfter(gen(), 0)
+    distill.run(cfg(out), generator=idle, tokenizer=tok)
+    assert out.read_text().splitlines() == ref_lines
+    # another mode cannot silently mix into the same file
+    with pytest.raises(ValueError, match="mode"):
+        other = cfg(out)
+        other.mode = "regenerate"
+        distill.run(other, generator=idle, tokenizer=tok)
+
+
+def test_generated_text_is_kept_when_it_passes(tmp_path):
+    data = write_chat_data(tmp_path / "d.jsonl", n=2)
+    tok = tiny_chat_tokenizer()
+
+    def fixed(prompts):
+        return [Generation([5, 6], "A fine answer about it.", True) for _ in prompts]
+
+    cfg = DistillConfig(out=str(tmp_path / "o.jsonl"), data=str(data), n=2, mode="regenerate",
+                        target="t")
+    result = distill.run(cfg, generator=fixed, tokenizer=tok)
+    recs = [json.loads(x) for x in result.out.read_text().splitlines()]
+    assert [r["origin"] for r in recs] == ["distilled", "distilled"]
+    assert recs[0]["messages"] == [{"role": "user", "content": "Say hi number 0"},
+                                   {"role": "assistant", "content": "A fine answer about it."}]
+    assert result.summary["kept_share"] == 1.0
+
+
+def test_vllm_engine_fails_clearly_without_vllm(tmp_path):
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    with pytest.raises(RuntimeError, match="--engine vllm needs vLLM"):
+        distill.VLLMGenerator(tmp_path, max_new_tokens=4)
+
+
+def test_cli_smoke(tmp_path, tiny_target):
+    data = write_chat_data(tmp_path / "d.jsonl", n=3)
+    out = tmp_path / "run" / "distilled.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "specdec.distill", "--target", str(tiny_target), "--data",
+         str(data), "--n", "3", "--out", str(out), "--batch-size", "2", "--max-new-tokens", "5",
+         "--max-prompt-tokens", "60", "--mode", "regenerate", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(out.read_text().splitlines()) == 3
+    summary = json.loads((tmp_path / "run" / "distilled.jsonl.summary.json").read_text())
+    assert summary["records"] == 3 and summary["config"]["mode"] == "regenerate"
+    assert "fell back to original" in proc.stdout
