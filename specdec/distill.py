@@ -25,7 +25,8 @@ falls back to the original answer and the record says so (`origin: "fallback"`, 
 Reasons, first match wins: `empty`, `repetition` (a loop: a large share of repeated 4-grams, or
 a line repeated), `truncated` (hit --max-new-tokens), `template_leak` ("reference answer",
 "### Response:", "your response", ... when the instruction itself does not say it), and
-`math_mismatch` (the final number differs from the reference's).
+`math_mismatch` (the final number differs from the reference's). The filter lives in
+specdec.filters.
 
 Engines: `transformers` (default; batched `generate` with left padding and the KV cache, prompts
 sorted by length so a batch holds similar lengths) and `vllm` (offline `LLM.generate` on token
@@ -41,16 +42,11 @@ batch in flight, and a rerun with the same arguments skips every record already 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import math
 import os
-import re
 import sys
 import time
-import types
-import typing
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,14 +57,14 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
+from specdec.cli import config_from_args, config_parser
 from specdec.data import BUILTIN, DataError, LoadReport, chat_ids, iter_records, source_file
+from specdec.filters import REASONS, is_math, reject_reason
 from specdec.hub import SOURCES, file_sha256
 from specdec.models import DEFAULT_TARGET, resolve_model, write_json_atomic
 
 MODES = ("rewrite", "regenerate")
 ENGINES = ("transformers", "vllm")
-REASONS = ("empty", "repetition", "truncated", "template_leak", "math_mismatch")
-
 
 
 @dataclass(frozen=True)
@@ -115,63 +111,6 @@ TEMPLATES: dict[str, dict[str, RewriteTemplate]] = {
                  "\n\n### Response:"),
     },
 }
-
-# Phrases that show the generation talks about the rewriting task instead of answering. Each is
-# a leak only when the instruction itself does not contain it (a user may ask for a rewrite).
-LEAK_PATTERNS = (
-    "reference answer", "reference solution", "reference response", "the reference",
-    "original response", "original answer", "example answer", "provided answer",
-    "### response", "### instruction", "### reference", "### problem", "your response",
-    "your answer", "in your own words", "in my own words", "as a guide",
-)
-
-
-# ---------------------------------------------------------------------------- command line
-
-
-def config_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one `--flag` per field of dataclass `cls` (the one place for
-    defaults). Field metadata may give `help` and `choices`; bools become --x/--no-x, lists
-    take several values, and a `T | None` field also takes 'none' (or 'all')."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        typ = hints[f.name]
-        args = typing.get_args(typ)
-        optional = typing.get_origin(typ) in (typing.Union, types.UnionType)
-        if optional:
-            typ = next(a for a in args if a is not type(None))
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        default = argparse.SUPPRESS if required else (
-            f.default if f.default is not dataclasses.MISSING else f.default_factory())
-        kwargs: dict[str, Any] = dict(dest=f.name,
-                                      help=f.metadata.get("help", "(default: %(default)s)"))
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        flag = "--" + f.name.replace("_", "-")
-        if typ is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                **kwargs)
-        elif typing.get_origin(typ) is list:
-            parser.add_argument(flag, nargs="+", type=typing.get_args(typ)[0], default=default,
-                                required=required, **kwargs)
-        else:
-            parser.add_argument(flag, type=_or_none(typ) if optional else typ, default=default,
-                                required=required, **kwargs)
-    return parser
-
-
-def _or_none(typ: type):
-    def parse(text: str):
-        return None if text.lower() in ("none", "all") else typ(text)
-
-    parse.__name__ = typ.__name__  # argparse names the type in its error message
-    return parse
-
-
-def config_from_args(cls: type, ns: argparse.Namespace):
-    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
 
 
 # ---------------------------------------------------------------------------- config
@@ -320,54 +259,6 @@ def data_sha256(source: str) -> str:
 # ---------------------------------------------------------------------------- prompts
 
 
-_NUM = r"-?\d[\d,]*(?:\.\d+)?"
-_ANSWER_MARKERS = (
-    re.compile(rf"####\s*\$?\s*({_NUM})"),
-    re.compile(rf"\\boxed\{{\s*\$?\s*({_NUM})"),
-    re.compile(rf"answer\s+is\s*:?\s*\$?\s*\**\s*({_NUM})", re.I),
-)
-_ARITHMETIC = re.compile(r"\d\s*[-+*/×÷^]\s*\(?\d")
-_STATED_NUMBER = re.compile(rf"(=|\bis\b|\bare\b)\s*\$?\s*\**\s*{_NUM}\s*\**\s*[a-z%]*\.?\s*$",
-                            re.I)
-_MATH_WORDS = re.compile(
-    r"\b(calculate|compute|solve|evaluate|how many|how much|sum of|product of|percent|"
-    r"probability|equation|average)\b", re.I)
-
-
-def final_number(text: str) -> str | None:
-    """The final numeric answer of a text: after '####', in '\\boxed{}', after 'answer is',
-    else the last number in it; commas removed."""
-    for pattern in _ANSWER_MARKERS:
-        found = pattern.findall(text)
-        if found:
-            return found[-1].replace(",", "")
-    numbers = re.findall(_NUM, text)
-    return numbers[-1].replace(",", "").rstrip(".") if numbers else None
-
-
-def same_number(a: str, b: str) -> bool:
-    try:
-        x, y = float(a), float(b)
-    except ValueError:
-        return a == b
-    return math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9)
-
-
-def is_math(instruction: str, reference: str) -> bool:
-    """A simple detector of math word problems: the reference marks its final answer
-    ('####', \\boxed, 'the answer is N'), or the instruction is a short question with arithmetic
-    or a math word in it (no code) and the reference's last line states a number after '=' or
-    'is'."""
-    if any(p.search(reference) for p in _ANSWER_MARKERS):
-        return True
-    if len(instruction) > 600 or "```" in instruction or "```" in reference:
-        return False
-    if not (_ARITHMETIC.search(instruction) or _MATH_WORDS.search(instruction)):
-        return False
-    lines = [line for line in reference.strip().splitlines() if line.strip()]
-    return bool(lines) and bool(_STATED_NUMBER.search(lines[-1]))
-
-
 def rewrite_messages(turn: FirstTurn, tokenizer, mode: str, max_reference_tokens: int,
                      template: str = "chat") -> tuple[list[dict[str, str]], bool]:
     """(messages the target answers, whether the record is math-like). Math-like records get
@@ -389,50 +280,6 @@ def rewrite_messages(turn: FirstTurn, tokenizer, mode: str, max_reference_tokens
         system = own_system + ("\n\n" + system if system else "")
     messages = [{"role": "system", "content": system}] if system else []
     return messages + [{"role": "user", "content": chosen.user.format(**fields)}], math_like
-
-
-# ---------------------------------------------------------------------------- filter
-
-
-def repetition_loop(text: str, n: int = 4, max_share: float = 0.5, max_line_repeats: int = 5,
-                    min_ngrams: int = 16) -> bool:
-    """A generation stuck in a loop: more than `max_share` of its word/punctuation n-grams
-    (numbers count as equal, so "step 1: ... step 2: ..." loops too) repeat an earlier one, or
-    one line of 8+ characters appears more than `max_line_repeats` times."""
-    units = re.findall(r"\w+|[^\w\s]+", re.sub(r"\d+", "0", text))  # a counting loop repeats
-    grams = [tuple(units[i:i + n]) for i in range(len(units) - n + 1)]
-    if len(grams) >= min_ngrams and 1 - len(set(grams)) / len(grams) > max_share:
-        return True
-    lines = Counter(s for line in text.splitlines() if len(s := line.strip()) >= 8)
-    return bool(lines) and max(lines.values()) > max_line_repeats
-
-
-def template_leak(text: str, instruction: str) -> str | None:
-    """The first leak phrase in `text` that the instruction does not itself contain."""
-    low, asked = text.lower(), instruction.lower()
-    for phrase in LEAK_PATTERNS:
-        if phrase in low and phrase not in asked:
-            return phrase
-    return None
-
-
-def reject_reason(text: str, *, instruction: str, reference: str, finished: bool,
-                  math_like: bool, n: int = 4, max_repeat_share: float = 0.5,
-                  max_line_repeats: int = 5) -> str | None:
-    """Why a generation is rejected (one of REASONS), or None to keep it."""
-    if not re.search(r"\w", text):
-        return "empty"
-    if repetition_loop(text, n, max_repeat_share, max_line_repeats):
-        return "repetition"
-    if not finished:
-        return "truncated"
-    if template_leak(text, instruction):
-        return "template_leak"
-    if math_like:
-        got, want = final_number(text), final_number(reference)
-        if got is None or want is None or not same_number(got, want):
-            return "math_mismatch"
-    return None
 
 
 # ---------------------------------------------------------------------------- generators

@@ -57,8 +57,9 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
+from specdec.cli import config_from_args, config_parser
 from specdec.data import DataError, chat_ids
-from specdec.distill import config_from_args, config_parser, data_sha256, first_turns
+from specdec.distill import data_sha256, first_turns
 from specdec.models import (MANIFEST, ModelError, load_model, read_manifest, resolve_model,
                             save_checkpoint, write_json_atomic)
 

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from specdec.distill import config_from_args, config_parser
+from specdec.cli import config_from_args, config_parser
 from specdec.models import ModelError, load_model, read_manifest, resolve_model, save_checkpoint
 
 # Config fields that must agree for two checkpoints to be merged tensor by tensor.

@@ -2,65 +2,18 @@
 
 import importlib.util
 import json
-import string
 import subprocess
 import sys
 from collections import Counter
 
 import pytest
 
-from conftest import make_tiny_llama
+from conftest import save_tiny_chat_model, tiny_chat_tokenizer, write_chat_data
 from specdec import distill
-from specdec.distill import (DistillConfig, Generation, TransformersGenerator, final_number,
-                             first_turns, is_math, reject_reason, rewrite_messages)
-from specdec.models import load_model, save_checkpoint
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '</s>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
-
-
-def tiny_chat_tokenizer(template: str = CHAT_TEMPLATE):
-    """A character-level tokenizer (106 ids) with a chat template, built in memory."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
-    vocab = {tok: i for i, tok in enumerate(specials + list(string.printable))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="?"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    backend.decoder = decoders.Fuse()
-    backend.add_special_tokens([AddedToken(s, special=True) for s in specials])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
-                                        bos_token="<s>", eos_token="</s>")
-    tokenizer.chat_template = template
-    return tokenizer
-
-
-def save_tiny_chat_model(path, seed=0, num_layers=2, manifest=None, **config):
-    """A tiny random Llama with the tiny chat tokenizer, saved as a checkpoint dir."""
-    tokenizer = tiny_chat_tokenizer()
-    model = make_tiny_llama(seed, num_layers=num_layers, vocab_size=len(tokenizer), **config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return save_checkpoint(model, tokenizer, path, manifest or {"stage": "test"})
-
-
-def write_chat_data(path, n=6):
-    """JSONL records: n usable first turns plus three that selection must skip."""
-    rows = [{"id": f"r{i}", "messages": [
-        {"role": "user", "content": f"Say {'hi ' * (i % 3 + 1)}number {i}"},
-        {"role": "assistant", "content": f"Hi {i}! Here is {i}."},
-        {"role": "user", "content": "more"}, {"role": "assistant", "content": "ok"}]}
-        for i in range(n)]
-    rows.insert(2, {"id": "mid", "messages": [{"role": "assistant", "content": "a"},
-                                              {"role": "user", "content": "b"}]})
-    rows.insert(3, {"id": "noanswer", "messages": [{"role": "user", "content": "alone"}]})
-    rows.insert(4, {"id": "long", "messages": [{"role": "user", "content": "x" * 200},
-                                               {"role": "assistant", "content": "y"}]})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from specdec.distill import (DistillConfig, Generation, TransformersGenerator, first_turns,
+                             rewrite_messages)
+from specdec.filters import REASONS, final_number, is_math, reject_reason
+from specdec.models import load_model
 
 
 # ---------------------------------------------------------------------------- filter
@@ -213,7 +166,7 @@ def test_resume_after_interrupt_loses_and_duplicates_nothing(tmp_path, tiny_targ
         assert rec["origin"] in ("distilled", "fallback") and rec["mode"] == "rewrite"
         assert rec["messages"][-1]["role"] == "assistant"
         if rec["origin"] == "fallback":
-            assert rec["reason"] in distill.REASONS
+            assert rec["reason"] in REASONS
             assert rec["messages"][-1]["content"].startswith("Hi ")  # the original answer
     # a rerun finds everything done and generates nothing
     idle = FailAfter(gen(), 0)

@@ -13,7 +13,7 @@ from specdec import finetune
 from specdec.finetune import (FinetuneConfig, build_example, collate, epoch_batches, kd_kl,
                               lr_factor)
 from specdec.models import read_manifest
-from test_distill import save_tiny_chat_model, tiny_chat_tokenizer, write_chat_data
+from conftest import save_tiny_chat_model, tiny_chat_tokenizer, write_chat_data
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from specdec import merge
 from specdec.merge import MergeConfig, MergeError, slerp
 from specdec.models import read_manifest
-from test_distill import save_tiny_chat_model
+from conftest import save_tiny_chat_model
 
 
 def test_slerp_endpoints_and_geometry():
