@@ -54,11 +54,13 @@ class Preset:
     finetune: dict[str, Any]  # FinetuneConfig fields shared by every draft (one recipe)
     kd: float  # 0: no KD draft
     prune_calib_n: int
+    prune_heldout_n: int  # held-out prompts whose target continuations score the candidates
     eval_n: int | None
     eval_turns: int
     eval_max_new_tokens: int
     latency_n: int
     latency_tokens: int
+    repeats: int = 3  # latency repeats (medians)
     k: int = 4
 
 
@@ -70,8 +72,8 @@ PRESETS: dict[str, Preset] = {
         distill_max_answer_tokens=128,
         finetune=dict(method="full", epochs=1, batch_size=8, micro_batch_size=4,
                       max_seq_len=320, lr=5e-5),
-        kd=0.0, prune_calib_n=32, eval_n=24, eval_turns=1, eval_max_new_tokens=64,
-        latency_n=2, latency_tokens=48,
+        kd=0.0, prune_calib_n=32, prune_heldout_n=8, eval_n=16, eval_turns=1,
+        eval_max_new_tokens=64, latency_n=2, latency_tokens=32, repeats=2,
     ),
     # The paper's comparison at this model's scale: two draft sizes, 1,000+ distilled records,
     # a KD variant, all 80 MT-Bench questions with both turns.
@@ -81,7 +83,8 @@ PRESETS: dict[str, Preset] = {
         distill_max_answer_tokens=192,
         finetune=dict(method="full", epochs=1, batch_size=16, micro_batch_size=8,
                       max_seq_len=384, lr=1e-4),
-        kd=0.5, prune_calib_n=128, eval_n=None, eval_turns=2, eval_max_new_tokens=96,
+        kd=0.5, prune_calib_n=128, prune_heldout_n=32, eval_n=None, eval_turns=2,
+        eval_max_new_tokens=96,
         latency_n=4, latency_tokens=64,
     ),
     # Wiring only, for a tiny model in tests: every stage runs, on a handful of records.
@@ -91,8 +94,8 @@ PRESETS: dict[str, Preset] = {
         distill_max_answer_tokens=512,
         finetune=dict(method="full", max_steps=2, batch_size=2, micro_batch_size=2,
                       max_seq_len=64),
-        kd=0.5, prune_calib_n=4, eval_n=2, eval_turns=1, eval_max_new_tokens=8,
-        latency_n=1, latency_tokens=4, k=2,
+        kd=0.5, prune_calib_n=4, prune_heldout_n=2, eval_n=2, eval_turns=1,
+        eval_max_new_tokens=8, latency_n=1, latency_tokens=4, repeats=1, k=2,
     ),
 }
 
@@ -177,7 +180,8 @@ def run(cfg: PipelineConfig, console: Console | None = None) -> dict[str, Any]:
         _stage(log, console, f"prune {cut.name}", _checkpoint_done(pruned, "prune"),
                lambda: prune.run(prune.PruneConfig(
                    target=cfg.target, out=str(pruned), drop=cut.drop, keep=cut.keep,
-                   select="acceptance", calib_n=preset.prune_calib_n), console))
+                   select="acceptance", calib_n=preset.prune_calib_n,
+                   heldout_n=preset.prune_heldout_n), console))
 
     distill_done = (distilled.is_file() and
                     Path(f"{distilled}.summary.json").is_file())
@@ -212,7 +216,8 @@ def run(cfg: PipelineConfig, console: Console | None = None) -> dict[str, Any]:
                "--turns", str(preset.eval_turns), "--max-new-tokens",
                str(preset.eval_max_new_tokens), "--k", str(preset.k),
                "--latency-n", str(preset.latency_n), "--latency-tokens",
-               str(preset.latency_tokens), "--out", str(bench_dir)]
+               str(preset.latency_tokens), "--repeats", str(preset.repeats),
+               "--out", str(bench_dir)]
         if preset.eval_n:
             cmd += ["--n", str(preset.eval_n)]
         for label, path in drafts.items():
