@@ -335,3 +335,40 @@ def test_smollm2_greedy_and_stop_string(smollm2_path):
     assert s.finish_reason == "stop"
     assert s.text == text[: text.index(stop)]
     assert s.token_ids == r.token_ids[: len(s.token_ids)]
+
+
+def test_cancel_one_row(target, drafts, greedy_refs):
+    """A stream callback returning True (or `cancel`) ends one request with "abort" at that
+    step; the other rows finish exactly as without the cancellation."""
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    engine = SpeculativeEngine(target, drafts["pruned"], k=3)
+    full = engine.generate(PROMPTS, params)
+    streamed: dict[int, list[int]] = {}
+
+    def abort_row_2_after_6(index, tokens):
+        streamed.setdefault(index, []).extend(tokens)
+        return index == 2 and len(streamed[index]) >= 6
+
+    results = engine.generate(PROMPTS, params, stream=abort_row_2_after_6)
+    assert results[2].finish_reason == "abort"
+    assert 6 <= len(results[2].token_ids) < 24
+    assert results[2].token_ids == streamed[2] == full[2].token_ids[: len(streamed[2])]
+    for i in (0, 1, 3, 4):
+        assert results[i].token_ids == full[i].token_ids
+        assert results[i].finish_reason == "length"
+
+    # cancel() from inside the callback (as another thread would), target-only and batch 1
+    for draft in (None, drafts["pruned"]):
+        engine = SpeculativeEngine(target, draft, k=3)
+
+        def cancel_first(index, tokens):
+            if index == 0:
+                engine.cancel(0)
+
+        results = engine.generate(PROMPTS[:2], params, stream=cancel_first)
+        assert results[0].finish_reason == "abort" and 1 <= len(results[0].token_ids) <= 4
+        assert results[1].token_ids == greedy_refs[1] and results[1].finish_reason == "length"
+        (r,) = engine.generate([PROMPTS[3]], params, stream=lambda i, t: True)
+        assert r.finish_reason == "abort" and 1 <= len(r.token_ids) <= 4
+        (r,) = engine.generate([PROMPTS[3]], params)  # a new call forgets earlier cancels
+        assert r.token_ids == greedy_refs[3]

@@ -5,7 +5,9 @@
     [result] = engine.generate([prompt_ids], SamplingParams(temperature=0, max_tokens=64))
 
 sampling.py  SamplingParams, top-k / top-p (`process_logits`), the draft's counter-hash sampler
-kv.py        BatchKV: a DynamicCache with per-slot validity for rows that reject differently
+kv.py        BatchKV: a slab-backed DynamicCache with per-slot validity for rows that reject
+             differently
+forward.py   the model call: a lean Llama forward (bitwise Hugging Face's logits) or model(...)
 engine.py    SpeculativeEngine, GenerationResult, IncrementalDetokenizer
 reference.py speculative_step (gpt-fast style, no cache), reference_generate, target_generate
 """

@@ -19,13 +19,16 @@ With ``draft=None`` the same loop runs target-only decoding (k = 0, one token pe
 the baseline a benchmark compares against. Its sampled tokens equal `reference.target_generate`.
 
 KV caches and rollback (`kv.BatchKV`): target and draft each keep a DynamicCache of shared
-width with a per-slot validity mask and explicit per-row position ids (a row's position is the
-number of valid slots before it). Rejected slots are flipped to invalid -- never recomputed --
-and the columns rejected in every row are cropped with ``DynamicCache.crop``; at batch 1 the
-rejected slots are always trailing, so rollback is exactly ``crop`` and no mask is passed at
-all. Rows that accepted fewer tokens than the best row keep holes, masked out of attention;
-when holes (plus the left padding of shorter prompts and the slots of finished rows) waste
-more than ``compact_threshold`` columns, the cache is compacted by one gather per layer.
+width whose layers are `kv.SlabLayer`s (preallocated buffers written in place: no per-forward
+concatenation of the whole cache), with a per-slot validity mask and explicit per-row position
+ids (a row's position is the number of valid slots before it). Rejected slots are flipped to
+invalid -- never recomputed -- and the columns rejected in every row are cropped (a length
+change, nothing copied). While every slot of every row is valid ("dense": batch 1 always) no
+validity mask or position tensor is kept at all: positions follow from the width, no mask is
+built and rollback is just the crop. Rows that accepted fewer tokens than the best row keep
+holes, masked out of attention; when holes (plus the left padding of shorter prompts and the
+slots of finished rows) waste more than ``compact_threshold`` columns, the cache is compacted
+by one gather per layer.
 Bookkeeping of what each cache has seen:
 
 * target: holds everything committed except the last committed token, its *pending* token
@@ -34,6 +37,16 @@ Bookkeeping of what each cache has seen:
   the draft still lacks the recovered token -- or ``d_k`` and the bonus token when all k were
   accepted. Those 1 or 2 pending tokens open the next draft forward, right-aligned in a
   width-2 input with an invalid slot on the left where a row has only one.
+
+Forward: Llama models with sdpa attention go through `forward.LeanLlamaForward` -- the
+model's own modules and kernels, bitwise the same logits as ``model(...)``, without Hugging
+Face's per-call overhead (mask creation, decorators, keyword plumbing; ~5-10% of a SmolLM2
+forward on a CPU, paid k + 1 times per step); ``lean=False`` or any other model calls
+``model(...)``.
+
+Cancellation: the stream callback returning True, or `SpeculativeEngine.cancel(index)` (from
+any thread), ends one request with finish_reason "abort" at the end of the current step; its
+row leaves the batch like a finished one and the other rows are unaffected.
 
 Host syncs: exactly one per step, the ``.tolist()`` of the verification output (tokens and
 accepted counts, fetched together). The draft loop, verification, rollback and row removal
@@ -76,7 +89,8 @@ from specdec.decode.sampling import (
 )
 from specdec.kernels import verify_greedy, verify_sample
 
-StreamCallback = Callable[[int, list[int]], None]
+# stream(request_index, new_token_ids) -> True to abort that request (None / False: go on)
+StreamCallback = Callable[[int, list[int]], "bool | None"]
 
 
 @dataclass
@@ -89,7 +103,9 @@ class GenerationResult:
     """
 
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS, stop token id or stop string) or "length" (max_tokens)
+    # "stop" (EOS, stop token id or stop string), "length" (max_tokens) or "abort" (cancelled
+    # by the stream callback or `SpeculativeEngine.cancel`; token_ids holds what was streamed)
+    finish_reason: str
     text: str | None = None  # with a tokenizer: the detokenized output, cut before a stop string
     prompt_tokens: int = 0
     steps: int = 0
@@ -216,6 +232,10 @@ class _Request:
         self.stopped_by_string = True
         return True
 
+    def abort(self) -> None:
+        self.finished = True
+        self.result.finish_reason = "abort"
+
     def _finish(self, reason: str, emitted: list[int]) -> list[int]:
         self.finished = True
         self.result.finish_reason = reason
@@ -243,6 +263,9 @@ class SpeculativeEngine:
         target's generation_config / config.
     tokenizer: needed for stop strings and for ``GenerationResult.text``.
     compact_threshold: compact a cache once its rows waste more than this many columns.
+    lean: run Llama models (sdpa attention) through `forward.LeanLlamaForward`, the same
+        modules and kernels as ``model(...)`` without Hugging Face's per-call overhead (bitwise
+        the same logits); False always calls ``model(...)``. Other models always do.
     """
 
     def __init__(
@@ -254,6 +277,7 @@ class SpeculativeEngine:
         eos_token_ids: Iterable[int] | int | None = None,
         tokenizer=None,
         compact_threshold: int = 32,
+        lean: bool = True,
     ):
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 64:
             raise ValueError(f"k must be an int in 1..64 (draft tokens per step), got {k!r}")
@@ -266,6 +290,7 @@ class SpeculativeEngine:
         self.adaptive_k = adaptive_k
         self.tokenizer = tokenizer
         self.compact_threshold = compact_threshold
+        self.lean = lean
         self.device = next(target.parameters()).device
         self.vocab_size = _vocab_size(target)
         if draft is not None:
@@ -282,6 +307,7 @@ class SpeculativeEngine:
                 )
         self.eos_token_ids = _resolve_eos(target, eos_token_ids)
         self._buffers: dict[str, torch.Tensor] = {}
+        self._cancelled: set[int] = set()  # request indices `cancel` asked to abort
         self.max_positions = min(
             getattr(m.config, "max_position_embeddings", None) or 2**62
             for m in (target, draft) if m is not None
@@ -298,7 +324,10 @@ class SpeculativeEngine:
         """Decode every prompt (token ids) to completion; one result per prompt, in order.
 
         stream(request_index, new_token_ids) is called after each step for every request that
-        emitted tokens in it.
+        emitted tokens in it. Per-row cancellation: when it returns True (or `cancel` was
+        called for the request), that request ends with finish_reason "abort" and its row
+        leaves the batch at once; the other rows' outputs are unchanged. An exception raised
+        by the callback ends the whole call.
         """
         prompts = self._check_prompts(prompts)
         if isinstance(params, SamplingParams):
@@ -324,8 +353,15 @@ class SpeculativeEngine:
                 )
         if not prompts:
             return []
+        self._cancelled = set()
         with torch.inference_mode():
             return self._generate(prompts, params, stream)
+
+    def cancel(self, request_index: int) -> None:
+        """Abort request `request_index` of the `generate` call in progress at its next step
+        (finish_reason "abort"). Safe to call from another thread; a no-op for a request that
+        already finished or an index the call does not have."""
+        self._cancelled.add(request_index)
 
     # ---------------------------------------------------------------------------- the loop
 
@@ -338,8 +374,12 @@ class SpeculativeEngine:
         batch = len(prompts)
         rows = list(range(batch))  # host: request index of each batch row
         st = SamplingTensors.from_params(params, device, seeds=[resolve_seed(p) for p in params])
-        tkv = BatchKV(self.target, batch, device)
-        dkv = BatchKV(self.draft, batch, device) if self.draft is not None else None
+        # slots a row can need: prompt, output, one step's drafts; plus holes when batched
+        capacity = (max(len(p) for p in prompts) + max(sp.max_tokens for sp in params)
+                    + 2 * (k_max + 1) + (self.compact_threshold if batch > 1 else 0))
+        tkv = BatchKV(self.target, batch, device, capacity, lean=self.lean)
+        dkv = (BatchKV(self.draft, batch, device, capacity, lean=self.lean)
+               if self.draft is not None else None)
         self._prefill(prompts, tkv, dkv)
         last = [p[-1] for p in prompts]
         target_pending = torch.tensor(last, dtype=torch.int64, device=device)  # [batch]
@@ -374,9 +414,8 @@ class SpeculativeEngine:
             # roll the caches back to the committed tokens (device work, no sync)
             target_pending = out_tokens.gather(1, num_accepted[:, None])[:, 0]
             if k > 0:
-                keep = torch.arange(1, k + 1, device=device)[None, :] <= num_accepted[:, None]
-                tkv.reject(k, keep, accepted)
-                dkv.reject(k - 1, keep[:, : k - 1], [min(a, k - 1) for a in accepted])
+                tkv.reject(k, num_accepted, accepted)
+                dkv.reject(k - 1, num_accepted, [min(a, k - 1) for a in accepted])
                 all_accepted = num_accepted == k  # [batch]
                 d_last = torch.where(all_accepted, draft_tokens[:, -1], torch.zeros_like(target_pending))
                 draft_pending = torch.stack([d_last, target_pending], dim=1)
@@ -390,8 +429,9 @@ class SpeculativeEngine:
                 req = reqs[req_index]
                 req.count(k, accepted[r])
                 emitted = req.commit(host[r][: accepted[r] + 1])
-                if stream is not None and emitted:
-                    stream(req.index, emitted)
+                abort = stream is not None and emitted and stream(req.index, emitted) is True
+                if not req.finished and (abort or req.index in self._cancelled):
+                    req.abort()
                 if req.finished:
                     done.append(r)
             if self.adaptive_k and k > 0:

@@ -11,10 +11,18 @@ validity mask instead of per-row lengths:
   rotated, so a slot never has to move for its position to stay right).
 * The forward gets a 4D mask: causal over slots AND ``valid`` (built here for the sdpa and
   eager attention implementations, a 2D padding mask for the others). When no row has a hole
-  the mask is omitted altogether (batch 1 always: Hugging Face then uses sdpa's is_causal).
+  the mask is omitted altogether (the forward then applies plain causality).
+* Dense state: while every slot of every row is valid (batch 1 always, and batches whose rows
+  all kept the same counts) ``valid`` and ``next_pos`` are not kept at all (None): positions
+  are ``width + arange(q)``, no mask, and rollback is a crop. The first hole materializes them.
 * Rollback (`reject`) flips the rejected slots to invalid and crops the columns that are
-  invalid in every row with ``DynamicCache.crop`` -- nothing is recomputed. At batch 1 this
-  *is* ``crop``: the rejected slots are always the trailing ones.
+  invalid in every row with ``DynamicCache.crop`` -- nothing is recomputed, and with
+  `SlabLayer`s nothing is copied either. At batch 1 this *is* ``crop``: the rejected slots are
+  always the trailing ones.
+* Layers are `SlabLayer`s: preallocated buffers written in place, instead of Hugging Face's
+  DynamicLayer, which concatenates (copies) the whole layer cache at every forward.
+* The model is called through `forward.model_forward`: the lean Llama forward where it
+  computes exactly what ``model(...)`` does, else ``model(...)`` itself.
 * Holes left by rows that accepted less than the best row cost attention width; `compact`
   gathers every row's valid slots right-aligned into a narrower cache when the waste exceeds a
   threshold (one gather per layer, a few times per generation).
@@ -31,26 +39,184 @@ from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from specdec.decode.forward import model_forward
 
 MASK_4D_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
+class SlabLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values are views of a preallocated buffer.
+
+    Hugging Face's DynamicLayer concatenates every new slot onto a fresh tensor: a full copy of
+    the layer's cache (and a large allocation) per layer per forward. Here ``update`` writes the
+    new slots in place and returns ``buffer[:, :, :length]``; ``crop`` only moves ``length``.
+    The buffer starts ``headroom`` slots past what the prompt needs and grows geometrically,
+    never past ``capacity`` (the width the engine expects at most) unless a forward needs more,
+    so a generation reallocates a few times at most and never holds more than twice what it
+    uses. ``keys`` / ``values`` are the valid views, so code reading them sees a normal layer.
+    """
+
+    headroom = 256
+
+    def __init__(self, capacity: int = 0, **kwargs):
+        self._k: torch.Tensor | None = None  # [batch, kv_heads, allocated, head_dim]
+        self._v: torch.Tensor | None = None
+        self.length = 0
+        self.capacity = capacity
+        super().__init__(**kwargs)
+
+    # DynamicLayer's code assigns keys/values (None on init and reset); they are derived here
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, : self.length]
+
+    @keys.setter
+    def keys(self, value) -> None:
+        if value is not None:
+            raise AttributeError("SlabLayer.keys is a view of its buffer; use update / crop")
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, : self.length]
+
+    @values.setter
+    def values(self, value) -> None:
+        if value is not None:
+            raise AttributeError("SlabLayer.values is a view of its buffer; use update / crop")
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.length = 0
+        need = key_states.shape[-2]
+        size = need + self.headroom
+        if self.capacity >= need:
+            size = min(size, self.capacity)
+        self._alloc(key_states, value_states, size)
+        self.is_initialized = True
+
+    def _alloc(self, key_states: torch.Tensor, value_states: torch.Tensor, size: int) -> None:
+        b, h, _, dk = key_states.shape
+        k = key_states.new_empty((b, h, size, dk))
+        v = value_states.new_empty((b, h, size, value_states.shape[-1]))
+        if self.length:
+            k[:, :, : self.length] = self._k[:, :, : self.length]
+            v[:, :, : self.length] = self._v[:, :, : self.length]
+        self._k, self._v = k, v
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.length, self.length + key_states.shape[-2]
+        allocated = self._k.shape[2]
+        if end > allocated:
+            size = max(end, 2 * allocated)
+            if end <= self.capacity < size:
+                size = self.capacity
+            self._alloc(key_states, value_states, size)
+        self._k[:, :, start:end] = key_states
+        self._v[:, :, start:end] = value_states
+        self.length = end
+        return self._k[:, :, :end], self._v[:, :, :end]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reset(self) -> None:
+        self.length = 0
+        self._k = self._v = None
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Negative: drop that many trailing slots; positive: keep at most that many (the
+        legacy form of DynamicLayer.crop). Nothing is copied."""
+        if tokens_to_remove > 0:
+            self.length = min(self.length, tokens_to_remove)
+        else:
+            self.length = max(self.length + tokens_to_remove, 0)
+
+    def _reindex(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """New buffers of the current allocated size holding rows k, v [n, h, length, d]."""
+        size = self._k.shape[2]
+        self._k = k.new_empty((k.shape[0], k.shape[1], size, k.shape[3]))
+        self._v = v.new_empty((v.shape[0], v.shape[1], size, v.shape[3]))
+        self._k[:, :, : self.length] = k
+        self._v[:, :, : self.length] = v
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self._k is not None:
+            self._reindex(self.keys[indices], self.values[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._k is not None:
+            self._reindex(self.keys.repeat_interleave(repeats, dim=0),
+                          self.values.repeat_interleave(repeats, dim=0))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx.to(self.device))
+
+    def gather_slots(self, index: torch.Tensor) -> None:
+        """Keep slots ``index`` [batch, n] of each row, in that order, as the first n slots."""
+        idx = index[:, None, :, None].expand(-1, self._k.shape[1], -1, self._k.shape[3])
+        n = index.shape[1]
+        keys, values = self.keys.gather(2, idx), self.values.gather(2, idx)
+        self._k[:, :, :n] = keys
+        self._v[:, :, :n] = values
+        self.length = n
+
+
+def make_cache(model, capacity: int = 0) -> DynamicCache:
+    """A DynamicCache for `model` whose full-attention layers are `SlabLayer`s (other layer kinds,
+    e.g. sliding-window ones, stay Hugging Face's own). capacity: slots per row expected at most."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [
+        SlabLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers
+    ]
+    return cache
+
+
 class BatchKV:
-    def __init__(self, model, batch: int, device: torch.device):
+    def __init__(self, model, batch: int, device: torch.device, capacity: int = 0,
+                 lean: bool = True):
         self.model = model
-        self.cache = DynamicCache(config=model.config)
+        self.cache = make_cache(model, capacity)
         self.device = device
-        self.valid = torch.zeros((batch, 0), dtype=torch.bool, device=device)  # [batch, W]
-        self.next_pos = torch.zeros((batch,), dtype=torch.int64, device=device)  # [batch]
+        self.batch = batch
+        self._width = 0  # host: cache slots per row
         self.lengths = [0] * batch  # host: valid slots per row (== next position id)
+        # ``valid`` [batch, W] bool and ``next_pos`` [batch] int64 exist only while some row
+        # has an invalid slot; while every slot is valid ("dense": batch 1 always) positions
+        # follow from the width, no mask is built and rollback is a crop
+        self.valid: torch.Tensor | None = None
+        self.next_pos: torch.Tensor | None = None
         attn = getattr(model.config, "_attn_implementation", None) or "eager"
         self.mask_4d = attn in MASK_4D_IMPLEMENTATIONS
         self.additive_mask = attn == "eager"
         self.dtype = next(model.parameters()).dtype
+        slab = all(isinstance(layer, SlabLayer) for layer in self.cache.layers)
+        # the lean forward takes 4D boolean masks (sdpa's); it is used only where they are built
+        self._forward = model_forward(model, lean=lean and slab and self.mask_4d
+                                      and not self.additive_mask)
 
     @property
     def width(self) -> int:
-        return self.valid.shape[1]
+        return self._width
+
+    @property
+    def dense(self) -> bool:
+        return self.valid is None
+
+    def _materialize(self) -> None:
+        """Leave the dense state: every current slot is valid."""
+        if self.valid is None:
+            self.valid = torch.ones((self.batch, self._width), dtype=torch.bool, device=self.device)
+            self.next_pos = torch.full((self.batch,), self._width, dtype=torch.int64,
+                                       device=self.device)
+
+    def _maybe_dense(self) -> None:
+        if self.valid is not None and all(n == self._width for n in self.lengths):
+            self.valid = self.next_pos = None
 
     def forward(
         self,
@@ -61,28 +227,32 @@ class BatchKV:
     ) -> torch.Tensor:
         """Run the model on q new slots per row; returns logits [batch, q or logits_to_keep, vocab]."""
         batch, q = input_ids.shape
-        if input_valid is None:
-            positions = self.next_pos[:, None] + torch.arange(q, device=self.device)[None, :]
-            new_valid = torch.ones((batch, q), dtype=torch.bool, device=self.device)
-            n_valid = [q] * batch
+        width = self._width
+        if n_valid is None or all(n == q for n in n_valid):
+            input_valid, n_valid = None, [q] * batch
+        if self.valid is None and input_valid is None:
+            positions = torch.arange(width, width + q, device=self.device)[None, :].expand(batch, q)
+            logits = self._forward(input_ids, None, positions, self.cache, logits_to_keep)
         else:
-            positions = (self.next_pos[:, None] + input_valid.cumsum(1) - 1).clamp(min=0)
-            new_valid = input_valid
-        width = self.width
-        needs_mask = any(length + n < width + q for length, n in zip(self.lengths, n_valid))
-        mask = self._mask(torch.cat([self.valid, new_valid], dim=1), q) if needs_mask else None
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=logits_to_keep,
-        )
-        self.valid = torch.cat([self.valid, new_valid], dim=1)
-        self.next_pos = self.next_pos + (q if input_valid is None else input_valid.sum(1))
+            self._materialize()
+            if input_valid is None:
+                positions = self.next_pos[:, None] + torch.arange(q, device=self.device)[None, :]
+                new_valid = torch.ones((batch, q), dtype=torch.bool, device=self.device)
+                n_new = q
+            else:
+                positions = (self.next_pos[:, None] + input_valid.cumsum(1) - 1).clamp(min=0)
+                new_valid = input_valid
+                n_new = input_valid.sum(1)
+            kv_valid = torch.cat([self.valid, new_valid], dim=1)
+            needs_mask = any(length + n < width + q for length, n in zip(self.lengths, n_valid))
+            mask = self._mask(kv_valid, q) if needs_mask else None
+            logits = self._forward(input_ids, mask, positions, self.cache, logits_to_keep)
+            self.valid = kv_valid
+            self.next_pos = self.next_pos + n_new
+        self._width = width + q
         self.lengths = [length + n for length, n in zip(self.lengths, n_valid)]
-        return out.logits
+        self._maybe_dense()
+        return logits
 
     def _mask(self, kv_valid: torch.Tensor, q: int) -> torch.Tensor:
         """kv_valid [batch, W + q] -> the attention mask the model's attention expects."""
@@ -97,49 +267,66 @@ class BatchKV:
             return torch.where(mask, zero, torch.finfo(self.dtype).min)
         return mask
 
-    def reject(self, tail: int, keep: torch.Tensor, kept: Sequence[int]) -> None:
-        """Roll back the last `tail` slots where keep [batch, tail] is False.
+    def reject(self, tail: int, num_accepted: torch.Tensor, kept: Sequence[int]) -> None:
+        """Roll back the last `tail` slots but the first ``num_accepted[r]`` of each row r.
 
-        ``keep`` must only be True on slots that are currently valid; ``kept`` is
-        keep.sum(1) on the host. Columns invalid in every row are cropped from the cache.
+        num_accepted [batch] int64 on the device, ``kept`` the same on the host clipped to
+        ``tail``; the tail's slots must all be valid (they were just fed). Columns invalid in
+        every row are cropped from the cache; a row that keeps fewer than the best row gets
+        holes. No host sync.
         """
         if tail == 0:
             return
-        width = self.width
-        rejected = [tail - n for n in kept]
+        crop = tail - max(kept)  # trailing columns rejected by every row
+        if self.valid is None and min(kept) == max(kept):  # stays dense: just crop
+            if crop > 0:
+                self.cache.crop(-crop)
+                self._width -= crop
+                self.lengths = [length - crop for length in self.lengths]
+            return
+        self._materialize()
+        width = self._width
+        keep = torch.arange(1, tail + 1, device=self.device)[None, :] <= num_accepted[:, None]
         self.valid = torch.cat([self.valid[:, : width - tail], keep], dim=1)
         self.next_pos = self.next_pos - (tail - keep.sum(1))
-        self.lengths = [length - r for length, r in zip(self.lengths, rejected)]
-        # trailing columns rejected by every row: with kept slots a prefix of the tail,
-        # tail - max(kept) columns are empty
-        crop = tail - max(kept) if kept else tail
+        self.lengths = [length - (tail - n) for length, n in zip(self.lengths, kept)]
         if crop > 0:
             self.cache.crop(-crop)
             self.valid = self.valid[:, : width - crop]
+            self._width = width - crop
+        self._maybe_dense()
 
     def select(self, rows: torch.Tensor, host_rows: Sequence[int]) -> None:
         """Keep only `rows` of the batch ([n] int64 on the device, `host_rows` the same)."""
         self.cache.batch_select_indices(rows)
-        self.valid = self.valid[rows]
-        self.next_pos = self.next_pos[rows]
+        if self.valid is not None:
+            self.valid = self.valid[rows]
+            self.next_pos = self.next_pos[rows]
         self.lengths = [self.lengths[i] for i in host_rows]
+        self.batch = len(self.lengths)
+        self._maybe_dense()
 
     def waste(self) -> int:
         """Slots per row that hold no token in any row's longest sequence."""
-        return self.width - max(self.lengths, default=0)
+        return self._width - max(self.lengths, default=0)
 
     def compact(self) -> None:
         """Move every row's valid slots to the right end of a cache of width max(lengths)."""
         new_width = max(self.lengths, default=0)
-        if new_width == self.width:
+        if new_width == self._width or self.valid is None:
             return
         # stable sort by validity: invalid slots first, valid ones after in their order
         order = torch.sort(self.valid.to(torch.int8), dim=1, stable=True).indices
-        index = order[:, self.width - new_width :]  # [batch, new_width]
+        index = order[:, self._width - new_width :]  # [batch, new_width]
         self.valid = self.valid.gather(1, index)
         for layer in self.cache.layers:
             if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
                 continue
+            if isinstance(layer, SlabLayer):
+                layer.gather_slots(index)
+                continue
             idx = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
             layer.keys = layer.keys.gather(2, idx)
             layer.values = layer.values.gather(2, idx)
+        self._width = new_width
+        self._maybe_dense()
