@@ -74,7 +74,7 @@ class LatencyConfig:
     repeats: int = 2
     hf: bool = True  # also time Hugging Face generate / assisted generation
     ablation: bool = False  # also time our engine with lean=False ("hf-fwd": HF's forward)
-    cost_reps: int = 25  # rounds of forwards timed for the measured cost ratios
+    cost_reps: int = 20  # pairs of forwards timed per measured cost ratio
     out: str = "bench/results/latency.json"
 
 
@@ -217,41 +217,47 @@ def hf_method(target, draft, k: int, pad_token_id: int) -> Method:
 
 def measure_costs(target, draft, prompt: list[int], ks: list[int], reps: int) -> dict[str, Any]:
     """Seconds of one forward through our engine's path (`BatchKV`, batch 1) at the prompt's
-    context: target and draft on 1 token, target on k + 1 tokens for every k. The forwards of
-    one round run back to back; a ratio is the median over rounds of the ratio within a round
-    (so a load change between rounds cancels out)."""
+    context: target and draft on 1 token, target on k + 1 tokens for every k. Each ratio is
+    measured on its own pairs of forwards run back to back (target 1 token, then the other),
+    as the median over pairs of the ratio within a pair, so a load change between pairs
+    cancels out and no forward's position in a round biases another."""
     from specdec.decode.kv import BatchKV
 
     device = next(target.parameters()).device
-    qs = sorted({1} | {k + 1 for k in ks})
-    times: dict[tuple[str, int], list[float]] = {}
+    pairs = [("draft", 1)] + [("target", k + 1) for k in sorted(set(ks))]
     with torch.inference_mode():
         kvs = {"target": BatchKV(target, 1, device), "draft": BatchKV(draft, 1, device)}
         ids = torch.tensor([prompt], device=device)
         for kv in kvs.values():
             kv.forward(ids, logits_to_keep=1)
         no_accept = torch.zeros(1, dtype=torch.int64, device=device)
-        for rep in range(reps + 2):
-            for name, kv in kvs.items():
-                for q in (qs if name == "target" else [1]):
-                    inp = ids[:, -q:]
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    kv.forward(inp)
-                    _sync(device)
-                    dt = time.perf_counter() - t0
-                    kv.reject(q, no_accept, [0])
-                    if rep >= 2:  # two warm-up rounds
-                        times.setdefault((name, q), []).append(dt)
-    def ratio(key: tuple[str, int]) -> float:
-        return statistics.median(a / b for a, b in zip(times[key], times[("target", 1)]))
 
+        def forward_s(name: str, q: int) -> float:
+            kv = kvs[name]
+            _sync(device)
+            t0 = time.perf_counter()
+            kv.forward(ids[:, -q:])
+            _sync(device)
+            dt = time.perf_counter() - t0
+            kv.reject(q, no_accept, [0])  # back to the prompt
+            return dt
+
+        base: list[float] = []
+        ratios: dict[tuple[str, int], list[float]] = {pair: [] for pair in pairs}
+        for rep in range(reps + 2):  # two warm-up rounds
+            for name, q in pairs:
+                t_target, t_other = forward_s("target", 1), forward_s(name, q)
+                if rep >= 2:
+                    base.append(t_target)
+                    ratios[(name, q)].append(t_other / t_target)
+    draft_s = [r * t for r, t in zip(ratios[("draft", 1)], base)]
     return {
         "context": len(prompt),
-        "target_forward_s": statistics.median(times[("target", 1)]),
-        "draft_forward_s": statistics.median(times[("draft", 1)]),
-        "cost_ratio": ratio(("draft", 1)),
-        "verify_cost": {str(q - 1): ratio(("target", q)) for q in qs if q > 1},
+        "target_forward_s": statistics.median(base),
+        "draft_forward_s": statistics.median(draft_s),
+        "cost_ratio": statistics.median(ratios[("draft", 1)]),
+        "verify_cost": {str(q - 1): statistics.median(ratios[(name, q)])
+                        for name, q in pairs if name == "target"},
     }
 
 
