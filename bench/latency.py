@@ -4,13 +4,13 @@
     python bench/latency.py --threads 1 --prompts 4 --repeats 2 --new-tokens 64
     python bench/latency.py --draft runs/x/sd --dtype bf16 --ks 1,2,4
 
-On the target (SmolLM2 by default) and a draft (``--draft DIR``, or by default the target minus
-a block of ``--drop`` layers removed in memory with `specdec.prune.remove_layers`: the block
-with the smallest last-token angular distance on ``--calib-n`` ShareGPT conversations, the
-pruning rule of `specdec.prune`, unless ``--drop-start`` says where; not healed), for MT-Bench
-first-turn
-prompts (chat-templated), every method decodes exactly ``--new-tokens`` tokens (EOS ignored:
-Hugging Face gets ``eos_token_id=None``, our engine ``ignore_eos``), greedy, batch 1:
+On the target (SmolLM2 by default) and a draft (``--draft DIR``; by default the target minus a
+block of ``--drop`` layers, removed with `specdec.prune.remove_layers`, saved to a temp dir and
+loaded back like any draft: the block with the smallest last-token angular distance on
+``--calib-n`` ShareGPT conversations, the pruning rule of `specdec.prune`, unless
+``--drop-start`` says where; not healed), for MT-Bench first-turn prompts (chat-templated),
+every method decodes exactly ``--new-tokens`` tokens (EOS ignored: Hugging Face gets
+``eos_token_id=None``, our engine ``ignore_eos``), greedy, batch 1:
 
 * ``ours-target``   our engine without a draft (one token per target forward);
 * ``hf-generate``   ``target.generate`` alone;
@@ -44,6 +44,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -108,7 +109,6 @@ def validate(cfg: LatencyConfig) -> None:
 def load_pair(cfg: LatencyConfig):
     """(target, draft, tokenizer, draft description)."""
     from specdec.models import load_model
-    from specdec.prune import remove_layers
 
     dtype = DTYPES[cfg.dtype]
     target, tokenizer = load_model(cfg.target, dtype=dtype, device=cfg.device)
@@ -124,7 +124,7 @@ def load_pair(cfg: LatencyConfig):
         if removed[-1] >= n or cfg.drop >= n:
             raise ValueError(f"--drop {cfg.drop} --drop-start {cfg.drop_start}: the block must lie "
                              f"in 0..{n - 1} for a {n}-layer target")
-        draft = remove_layers(copy.deepcopy(target), removed)
+        draft = build_draft(target, tokenizer, removed, dtype, cfg.device)
         rule = "given" if angular is None else f"angular pick, d = {angular:.3f}"
         desc = {"source": f"{cfg.target} minus layers {removed[0]}-{removed[-1]} ({rule}; not "
                           "healed)",
@@ -134,6 +134,21 @@ def load_pair(cfg: LatencyConfig):
         raise ValueError("the draft's vocabulary differs from the target's; a draft must share "
                          "the target's tokenizer")
     return target, draft, tokenizer, desc
+
+
+def build_draft(target, tokenizer, removed: list[int], dtype, device):
+    """The target minus `removed` layers, written to a temp checkpoint dir and loaded back the
+    way any draft checkpoint is (so its weights are allocated as the target's are)."""
+    from specdec.models import load_model
+    from specdec.prune import remove_layers
+
+    pruned = remove_layers(copy.deepcopy(target), removed)
+    with tempfile.TemporaryDirectory(prefix="specdec-latency-draft-") as tmp:
+        pruned.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        del pruned
+        draft, _ = load_model(tmp, dtype=dtype, device=device)
+    return draft
 
 
 def angular_pick(target, tokenizer, drop: int, calib_n: int) -> tuple[int, float]:
@@ -258,6 +273,8 @@ def measure_costs(target, draft, prompt: list[int], ks: list[int], reps: int) ->
         "cost_ratio": statistics.median(ratios[("draft", 1)]),
         "verify_cost": {str(q - 1): statistics.median(ratios[(name, q)])
                         for name, q in pairs if name == "target"},
+        "cost_ratio_samples": ratios[("draft", 1)],
+        "target_forward_samples_s": base,
     }
 
 

@@ -194,7 +194,8 @@ class BatchKV:
         self.mask_4d = attn in MASK_4D_IMPLEMENTATIONS
         self.additive_mask = attn == "eager"
         self.dtype = next(model.parameters()).dtype
-        slab = all(isinstance(layer, SlabLayer) for layer in self.cache.layers)
+        layers = self.cache.layers
+        slab = bool(layers) and all(isinstance(layer, SlabLayer) for layer in layers)
         # the lean forward takes 4D boolean masks (sdpa's); it is used only where they are built
         self._forward = model_forward(model, lean=lean and slab and self.mask_4d
                                       and not self.additive_mask)
