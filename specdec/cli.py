@@ -52,3 +52,21 @@ def _or_none(typ: type):
 
 def config_from_args(cls: type, ns: argparse.Namespace):
     return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+
+def config_to_args(cfg: Any) -> list[str]:
+    """The command line that `config_parser` turns back into `cfg` (for running a stage in
+    another interpreter, e.g. distillation in the vLLM environment)."""
+    argv: list[str] = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif value is None:
+            argv += [flag, "none"]
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv

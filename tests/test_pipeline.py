@@ -39,3 +39,13 @@ def test_pipeline_smoke_runs_then_resumes(tmp_path, smollm2_path):
                            env={**__import__("os").environ, "COLUMNS": "200"})
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("done already, skipped") == 7  # prune, distill, original, 3 finetunes, bench
+
+
+def test_pipeline_rejects_unknown_cuts_and_engines(tmp_path):
+    from specdec.pipeline import PipelineConfig, run
+
+    with pytest.raises(ValueError, match="preset 'paper' has cuts drop6, keep12"):
+        run(PipelineConfig(preset="paper", run=str(tmp_path), cuts=("drop7",)))
+    with pytest.raises(ValueError, match="choose one of transformers, vllm"):
+        run(PipelineConfig(preset="paper", run=str(tmp_path), distill_engine="tgi"))
+    assert not any(tmp_path.iterdir())  # nothing written before the config is checked
