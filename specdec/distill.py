@@ -513,6 +513,16 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     console.print(table)
 
 
+def vllm_available() -> bool:
+    """Whether `--engine vllm` can run: vLLM importable here, or in .venv-vllm /
+    $SPECDEC_VLLM_PYTHON (where the run re-executes itself)."""
+    import importlib.util
+
+    from specdec.vllm import vllm_python
+
+    return importlib.util.find_spec("vllm") is not None or vllm_python() is not None
+
+
 def vllm_elsewhere(cfg: DistillConfig) -> str | None:
     """The interpreter to run a `--engine vllm` distillation in when vLLM is not importable in
     this one ($SPECDEC_VLLM_PYTHON or .venv-vllm, see `specdec.vllm.vllm_python`); None when it

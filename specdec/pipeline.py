@@ -62,10 +62,12 @@ class Preset:
     latency_tokens: int
     repeats: int = 3  # latency repeats (medians)
     k: int = 4
-    # distillation backend: "vllm" runs in vLLM's interpreter (.venv-vllm) when this one lacks it
-    distill_engine: str = "transformers"
-    distill_dtype: str = "auto"
-    distill_kv_cache_gib: float | None = None
+    # distillation backend: "auto" is vLLM when this interpreter or .venv-vllm has it (it runs
+    # there), else transformers; vLLM generates in `vllm_dtype` (bf16: ~130 tok/s on one core
+    # here, against ~10 for batched transformers in fp32)
+    distill_engine: str = "auto"
+    vllm_dtype: str = "bfloat16"
+    vllm_kv_cache_gib: float | None = 3.0
     bench_vllm: str = "auto"  # bench/acceptance.py --vllm: auto | on | off
 
 
@@ -79,14 +81,14 @@ PRESETS: dict[str, Preset] = {
                       max_seq_len=320, lr=5e-5),
         kd=0.0, prune_calib_n=32, prune_heldout_n=8, eval_n=16, eval_turns=1,
         eval_max_new_tokens=64, latency_n=2, latency_tokens=32, repeats=2,
+        bench_vllm="off",  # vLLM starts once per draft (minutes): `make vllm-check` shows it
     ),
     # The paper's comparison at this model's scale: two draft sizes, 1,000+ distilled records,
     # a KD variant, all 80 MT-Bench questions with both turns.
     "paper": Preset(
         cuts=(Cut("drop6", drop=6), Cut("keep12", keep=12)),
-        distill_n=1024, distill_max_new_tokens=256, distill_batch_size=128,
-        distill_max_answer_tokens=192, distill_engine="vllm", distill_dtype="bfloat16",
-        distill_kv_cache_gib=3.0,
+        distill_n=1024, distill_max_new_tokens=256, distill_batch_size=32,
+        distill_max_answer_tokens=192,
         finetune=dict(method="full", epochs=1, batch_size=16, micro_batch_size=8,
                       max_seq_len=384, lr=1e-4),
         kd=0.5, prune_calib_n=128, prune_heldout_n=32, eval_n=None, eval_turns=2,
@@ -102,6 +104,7 @@ PRESETS: dict[str, Preset] = {
                       max_seq_len=64),
         kd=0.5, prune_calib_n=4, prune_heldout_n=2, eval_n=2, eval_turns=1,
         eval_max_new_tokens=8, latency_n=1, latency_tokens=4, repeats=1, k=2,
+        distill_engine="transformers", bench_vllm="off",
     ),
 }
 
@@ -113,7 +116,8 @@ class PipelineConfig:
     target: str = DEFAULT_TARGET
     skip_bench: bool = False
     cuts: tuple[str, ...] = ()  # run only these of the preset's cuts (default: all)
-    distill_engine: str = ""  # override the preset's: transformers | vllm
+    distill_engine: str = ""  # override the preset's: auto | transformers | vllm
+    bench_vllm: str = ""  # override the preset's: auto | on | off
 
 
 @dataclass
@@ -182,10 +186,12 @@ def run(cfg: PipelineConfig, console: Console | None = None) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"--cuts {' '.join(unknown)}: preset {cfg.preset!r} has cuts "
                          f"{', '.join(names)}")
-    engines = ("", *distill.ENGINES)
+    engines = ("", "auto", *distill.ENGINES)
     if cfg.distill_engine not in engines:
         raise ValueError(f"--distill-engine {cfg.distill_engine!r}: choose one of "
-                         f"{', '.join(distill.ENGINES)}")
+                         f"{', '.join(engines[1:])}")
+    if cfg.bench_vllm not in ("", "auto", "on", "off"):
+        raise ValueError(f"--bench-vllm {cfg.bench_vllm!r}: choose one of auto, on, off")
     cuts = [c for c in preset.cuts if not cfg.cuts or c.name in cfg.cuts]
     run_dir = Path(cfg.run or f"runs/{cfg.preset}")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -204,12 +210,15 @@ def run(cfg: PipelineConfig, console: Console | None = None) -> dict[str, Any]:
 
     distill_done = (distilled.is_file() and
                     Path(f"{distilled}.summary.json").is_file())
+    engine = cfg.distill_engine or preset.distill_engine
+    if engine == "auto":
+        engine = "vllm" if distill.vllm_available() else "transformers"
+    engine_args = dict(batch_size=preset.distill_batch_size) if engine == "transformers" else \
+        dict(batch_size=128, dtype=preset.vllm_dtype, vllm_kv_cache_gib=preset.vllm_kv_cache_gib)
     distill_cfg = distill.DistillConfig(
         out=str(distilled), target=cfg.target, n=preset.distill_n,
-        max_new_tokens=preset.distill_max_new_tokens, batch_size=preset.distill_batch_size,
-        max_answer_tokens=preset.distill_max_answer_tokens,
-        engine=cfg.distill_engine or preset.distill_engine, dtype=preset.distill_dtype,
-        vllm_kv_cache_gib=preset.distill_kv_cache_gib)
+        max_new_tokens=preset.distill_max_new_tokens,
+        max_answer_tokens=preset.distill_max_answer_tokens, engine=engine, **engine_args)
     _stage(log, console, "distill", distill_done, lambda: _distill(distill_cfg, console))
     _stage(log, console, "original answers (SFT data)", original.is_file(),
            lambda: write_original(distilled, original))
@@ -236,7 +245,7 @@ def run(cfg: PipelineConfig, console: Console | None = None) -> dict[str, Any]:
                str(preset.eval_max_new_tokens), "--k", str(preset.k),
                "--latency-n", str(preset.latency_n), "--latency-tokens",
                str(preset.latency_tokens), "--repeats", str(preset.repeats),
-               "--vllm", preset.bench_vllm, "--out", str(bench_dir)]
+               "--vllm", cfg.bench_vllm or preset.bench_vllm, "--out", str(bench_dir)]
         if preset.eval_n:
             cmd += ["--n", str(preset.eval_n)]
         for label, path in drafts.items():
@@ -313,8 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuts", nargs="+", default=(), metavar="CUT",
                         help="run only these of the preset's cuts (e.g. drop6); two pipelines "
                              "with different cuts may share a run folder")
-    parser.add_argument("--distill-engine", default="", choices=("", "transformers", "vllm"),
-                        help="override the preset's distillation backend")
+    parser.add_argument("--distill-engine", default="", choices=("auto", "transformers", "vllm"),
+                        help="override the preset's distillation backend (presets: auto, "
+                             "vLLM when installed, e.g. by `make vllm-check`)")
+    parser.add_argument("--bench-vllm", default="", choices=("auto", "on", "off"),
+                        help="override the preset's: vLLM rows in the bench (auto: when "
+                             ".venv-vllm exists; each draft starts vLLM once, a few minutes)")
     args = parser.parse_args(argv)
     run(PipelineConfig(**{**vars(args), "cuts": tuple(args.cuts)}))
     return 0

@@ -46,6 +46,6 @@ def test_pipeline_rejects_unknown_cuts_and_engines(tmp_path):
 
     with pytest.raises(ValueError, match="preset 'paper' has cuts drop6, keep12"):
         run(PipelineConfig(preset="paper", run=str(tmp_path), cuts=("drop7",)))
-    with pytest.raises(ValueError, match="choose one of transformers, vllm"):
+    with pytest.raises(ValueError, match="choose one of auto, transformers, vllm"):
         run(PipelineConfig(preset="paper", run=str(tmp_path), distill_engine="tgi"))
     assert not any(tmp_path.iterdir())  # nothing written before the config is checked
