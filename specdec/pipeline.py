@@ -42,6 +42,8 @@ class Cut:
     name: str
     drop: int | None = None
     keep: int | None = None
+    # FinetuneConfig fields this cut changes in the preset's recipe (for all its drafts alike)
+    finetune: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -235,8 +237,8 @@ def run(cfg: PipelineConfig, console: Console | None = None) -> dict[str, Any]:
             extra = dict(kd=kd, target=cfg.target) if kd else {}
             _stage(log, console, f"finetune {cut.name}/{label}", _checkpoint_done(out, "finetune"),
                    lambda out=out, data=data, extra=extra: finetune.run(finetune.FinetuneConfig(
-                       draft=str(pruned), out=str(out), data=str(data), **preset.finetune,
-                       **extra), console))
+                       draft=str(pruned), out=str(out), data=str(data),
+                       **{**preset.finetune, **cut.finetune}, **extra), console))
         bench_dir = run_dir / cut.name / "bench"
         if cfg.skip_bench:
             continue
