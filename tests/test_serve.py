@@ -348,6 +348,49 @@ def test_client_gone_mid_request_frees_the_engine(served, stream):
     assert r.status_code == 200
 
 
+def test_a_cancelled_row_leaves_the_batch_and_the_others_go_on(models, offline):
+    """Two jobs in one batch; one is cancelled after its first tokens: its row ends at the next
+    step (not at the end of the batch) and the other decodes exactly as it would alone."""
+    import asyncio
+
+    from specdec.serve.metrics import ServerMetrics
+    from specdec.serve.worker import EngineWorker, Job
+
+    target, draft = models
+    worker = EngineWorker(SpeculativeEngine(target, draft, k=K), max_batch=4,
+                          metrics=ServerMetrics())
+    params = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
+    prompts = [[5, 9, 2, 7, 11], [3, 8, 8, 1]]
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        jobs = [Job(p, params, loop) for p in prompts]
+        with worker._cond:  # both queued before the worker can take either: one batch
+            for job in jobs:
+                worker.submit(job)
+        kind, _ = await jobs[0].events.get()
+        assert kind == "tokens"
+        jobs[0].cancel()
+        ends = []
+        for job in jobs:
+            while (event := await job.events.get())[0] == "tokens":
+                pass
+            ends.append(event)
+        return ends
+
+    worker.start()
+    try:
+        (kind0, _), (kind1, result1) = asyncio.run(scenario())
+    finally:
+        worker.stop()
+    assert worker.batches == 1
+    assert kind0 == "cancelled" and kind1 == "done"
+    alone = offline_text(offline, prompts[1], temperature=0, max_tokens=120, ignore_eos=True)
+    assert result1.token_ids == alone.token_ids and len(alone.token_ids) == 120
+    generated = worker.metrics.generation_tokens._value.get()
+    assert generated < 120 + 20, f"the cancelled row went on decoding ({generated} tokens)"
+
+
 # ------------------------------------------------------------------------------- API key
 
 

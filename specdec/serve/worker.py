@@ -8,11 +8,8 @@ engine's stream callback hands every committed token to its job's asyncio queue 
 next one.
 
 Cancellation (a client that went away): a waiting job is dropped when the worker reaches it;
-a job in the running batch has its tokens dropped. The engine's stream callback has no way to
-end one row early, so its slot in the batch is freed when the batch ends -- except when every
-job of the batch is cancelled: then the callback raises `_BatchCancelled`, which ends
-``generate`` at the next step (the engine keeps all decoding state local to the call, so an
-exception out of the callback leaves it ready for the next batch).
+a job in the running batch ends at the engine's next step: the stream callback returns True for
+it, the engine drops that row (finish_reason "abort") and the other rows decode on unchanged.
 """
 
 from __future__ import annotations
@@ -36,10 +33,6 @@ class QueueFull(Exception):
 
 class NotRunning(Exception):
     """The worker is not started or is shutting down."""
-
-
-class _BatchCancelled(Exception):
-    """Raised from the stream callback when every job of the batch is cancelled."""
 
 
 # What a job's event queue receives, in order: ("tokens", [ids]) any number of times, then one
@@ -181,7 +174,7 @@ class EngineWorker:
             job.started = start
             metrics.request_queue_time.observe(start - job.arrival)
 
-        def on_tokens(index: int, token_ids: list[int]) -> None:
+        def on_tokens(index: int, token_ids: list[int]) -> bool:
             job = batch[index]
             now = time.perf_counter()
             if job.first_token is None:
@@ -192,20 +185,14 @@ class EngineWorker:
             job.last_token = now
             metrics.generation_tokens.inc(len(token_ids))
             if job.cancelled.is_set():
-                if all(j.cancelled.is_set() for j in batch):
-                    raise _BatchCancelled
-                return
+                return True  # the engine ends this row; the others go on
             job.post("tokens", list(token_ids))
+            return False
 
         try:
             results = self.engine.generate(
                 [job.prompt_ids for job in batch], [job.params for job in batch], stream=on_tokens
             )
-        except _BatchCancelled:
-            for job in batch:
-                metrics.request_aborted.inc()
-                job.post("cancelled")
-            return
         except Exception as exc:  # noqa: BLE001 - reported to every request; the worker lives on
             log.exception("engine.generate failed for a batch of %d", len(batch))
             for job in batch:
