@@ -128,7 +128,7 @@ def cached_target_answers(target_name: str, prompts: str = "mt-bench", n: int | 
     key = answers_key(path, prompts, n, turns, max_new_tokens)
     file = cache_dir() / "answers" / f"{key}.jsonl"
     if file.is_file():
-        return [Answer(**json.loads(line)) for line in file.read_text().splitlines() if line]
+        return [Answer(**json.loads(line)) for line in file.read_text().split("\n") if line]
     if target is None:
         target, tokenizer = load_model(path)
     records = load_records(prompts, n=n)

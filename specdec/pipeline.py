@@ -148,12 +148,19 @@ def _checkpoint_done(path: Path, stage: str) -> bool:
     return (path / "config.json").is_file() and read_manifest(path).get("stage") == stage
 
 
+def jsonl_ids(path: Path) -> list[str]:
+    """The `id` of every record of a JSONL file. Lines are split on "\n" only: the text holds
+    U+2028 and friends raw (ensure_ascii=False), which str.splitlines would split on."""
+    return [json.loads(line)["id"] for line in path.read_text(encoding="utf-8").split("\n")
+            if line.strip()]
+
+
 def write_original(distilled: Path, out: Path, source: str = "sharegpt") -> int:
     """The distilled prompts with their original answers: the SFT baseline's data, same records."""
     from specdec.data import iter_records
     from specdec.distill import FirstTurn, first_turn
 
-    wanted = [json.loads(line)["id"] for line in distilled.read_text().splitlines() if line]
+    wanted = jsonl_ids(distilled)
     wanted_ids = set(wanted)
     found: dict[str, FirstTurn] = {}
     for record in iter_records(source, split="train"):

@@ -49,3 +49,13 @@ def test_pipeline_rejects_unknown_cuts_and_engines(tmp_path):
     with pytest.raises(ValueError, match="choose one of auto, transformers, vllm"):
         run(PipelineConfig(preset="paper", run=str(tmp_path), distill_engine="tgi"))
     assert not any(tmp_path.iterdir())  # nothing written before the config is checked
+
+
+def test_jsonl_ids_keep_records_whose_text_holds_unicode_line_separators(tmp_path):
+    from specdec.pipeline import jsonl_ids
+
+    path = tmp_path / "d.jsonl"
+    rows = [{"id": "a", "text": "one\u2028two\x85three\u2029"}, {"id": "b", "text": "x"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                    encoding="utf-8")
+    assert jsonl_ids(path) == ["a", "b"]
