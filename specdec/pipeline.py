@@ -2,6 +2,7 @@
 
     python -m specdec.pipeline --preset quick            # what `make demo` runs, < 30 min on 2 cores
     python -m specdec.pipeline --preset paper --run runs/paper
+    python -m specdec.pipeline --preset paper --run runs/paper --cuts keep12   # one cut only
 
 Layout of a run (`runs/<name>/`):
     distilled.jsonl      the target's rewrites of the training answers (self-data distillation)
@@ -332,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default=DEFAULT_TARGET)
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--cuts", nargs="+", default=(), metavar="CUT",
-                        help="run only these of the preset's cuts (e.g. drop6); two pipelines "
-                             "with different cuts may share a run folder")
+                        help="run only these of the preset's cuts (e.g. drop6); once the "
+                             "shared stages (distill, original answers) are done, pipelines with "
+                             "different cuts may run side by side in one run folder")
     parser.add_argument("--distill-engine", default="", choices=("auto", "transformers", "vllm"),
                         help="override the preset's distillation backend (presets: auto, "
                              "vLLM when installed, e.g. by `make vllm-check`)")
