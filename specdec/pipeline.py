@@ -70,6 +70,7 @@ class Preset:
     # here, against 31 for batched transformers in fp32 on both cores)
     distill_engine: str = "auto"
     vllm_dtype: str = "bfloat16"
+    vllm_batch_size: int = 128  # prompts per LLM.generate call (and per append to the output)
     vllm_kv_cache_gib: float | None = 3.0
     bench_vllm: str = "auto"  # bench/acceptance.py --vllm: auto | on | off
 
@@ -227,7 +228,8 @@ def run(cfg: PipelineConfig, console: Console | None = None) -> dict[str, Any]:
     if engine == "auto":
         engine = "vllm" if distill.vllm_available() else "transformers"
     engine_args = dict(batch_size=preset.distill_batch_size) if engine == "transformers" else \
-        dict(batch_size=128, dtype=preset.vllm_dtype, vllm_kv_cache_gib=preset.vllm_kv_cache_gib)
+        dict(batch_size=preset.vllm_batch_size, dtype=preset.vllm_dtype,
+             vllm_kv_cache_gib=preset.vllm_kv_cache_gib)
     distill_cfg = distill.DistillConfig(
         out=str(distilled), target=cfg.target, n=preset.distill_n,
         max_new_tokens=preset.distill_max_new_tokens,
