@@ -13,10 +13,11 @@ import json
 import sys
 from pathlib import Path
 
+from specdec.data import iter_jsonl
+
 
 def read_jsonl(path: Path) -> list[dict]:
-    # split on "\n" only: rewrites may hold U+2028, which str.splitlines splits on
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
+    return [obj for obj, _ in iter_jsonl(path)]
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:

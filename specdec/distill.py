@@ -64,8 +64,8 @@ from rich.table import Table
 from specdec.cli import config_from_args, config_parser, config_to_args
 from specdec.data import BUILTIN, DataError, LoadReport, chat_ids, iter_records, source_file
 from specdec.filters import REASONS, is_math, reject_reason
-from specdec.generation import (Generation, Generator, TransformersGenerator,  # noqa: F401
-                                VLLMGenerator, stop_token_ids)
+from specdec.generation import (Generation, Generator, TransformersGenerator, VLLMGenerator,
+                                stop_token_ids)
 from specdec.hub import SOURCES, file_sha256
 from specdec.models import DEFAULT_TARGET, resolve_model, write_json_atomic
 
@@ -538,14 +538,18 @@ def vllm_elsewhere(cfg: DistillConfig) -> str | None:
     return python if python and python != sys.executable else None
 
 
+def command_in(python: str, cfg: DistillConfig) -> list[str]:
+    """`python -m specdec.distill` with the command line that parses back into `cfg`."""
+    return [python, "-m", "specdec.distill", *config_to_args(cfg)]
+
+
 def run_in(python: str, cfg: DistillConfig, console: Console) -> None:
     """Run `cfg` as `python -m specdec.distill ...` in another interpreter (resumable as
     always: it continues from the same partial output)."""
     import subprocess
 
     console.print(f"distill: vLLM is not importable here; running in {python}")
-    argv = [python, "-m", "specdec.distill", *config_to_args(cfg)]
-    if subprocess.run(argv).returncode != 0:
+    if subprocess.run(command_in(python, cfg)).returncode != 0:
         raise RuntimeError(f"distillation in {python} failed (its output is above); rerun the "
                            f"same command to continue from the records already written")
 
@@ -557,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     python = vllm_elsewhere(cfg)
     if python is not None:
-        os.execv(python, [python, "-m", "specdec.distill", *config_to_args(cfg)])
+        os.execv(python, command_in(python, cfg))
     try:
         result = run(cfg, console=console)
     except (DataError, ValueError, RuntimeError) as exc:

@@ -151,10 +151,11 @@ def _checkpoint_done(path: Path, stage: str) -> bool:
 
 
 def jsonl_ids(path: Path) -> list[str]:
-    """The `id` of every record of a JSONL file. Lines are split on "\n" only: the text holds
-    U+2028 and friends raw (ensure_ascii=False), which str.splitlines would split on."""
-    return [json.loads(line)["id"] for line in path.read_text(encoding="utf-8").split("\n")
-            if line.strip()]
+    """The `id` of every record of a JSONL file (read line by line as a file, not with
+    str.splitlines, which also splits on the U+2028 that rewrites may hold raw)."""
+    from specdec.data import iter_jsonl
+
+    return [obj["id"] for obj, _ in iter_jsonl(path)]
 
 
 def write_original(distilled: Path, out: Path, source: str = "sharegpt") -> int:
