@@ -64,8 +64,8 @@ from rich.table import Table
 from specdec.cli import config_from_args, config_parser, config_to_args
 from specdec.data import BUILTIN, DataError, LoadReport, chat_ids, iter_records, source_file
 from specdec.filters import REASONS, is_math, reject_reason
-from specdec.generation import (Generation, Generator, TransformersGenerator, VLLMGenerator,
-                                stop_token_ids)
+from specdec.generation import (Decoding, Generation, Generator, TransformersGenerator,
+                                VLLMGenerator, stop_token_ids)
 from specdec.hub import SOURCES, file_sha256
 from specdec.models import DEFAULT_TARGET, resolve_model, write_json_atomic
 
@@ -151,7 +151,19 @@ class DistillConfig:
                 "--max-new-tokens mostly end truncated (and fall back)"})
     temperature: float = field(default=0.0, metadata={"help": "0 is greedy"})
     top_p: float = 1.0
+    repetition_penalty: float = field(default=1.0, metadata={
+        "help": "CTRL repetition penalty over the prompt and the answer so far (1: none); "
+                "both engines apply it alike"})
     seed: int = 0
+    retry_mode: str = field(default="none", metadata={
+        "choices": ["none", *MODES], "help": "a second attempt for a rejected generation "
+        "before it falls back to the original: rewrite (the same prompt) or regenerate (the "
+        "instruction alone), with the --retry-* decoding settings; none: fall back at once"})
+    retry_temperature: float = field(default=0.0, metadata={"help": "the retry's; 0 is greedy"})
+    retry_top_p: float = 1.0
+    retry_repetition_penalty: float = field(default=1.0, metadata={"help": "the retry's"})
+    retry_max_new_tokens: int | None = field(default=None, metadata={
+        "help": "the retry's (none: --max-new-tokens)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     dtype: str = field(default="auto", metadata={
         "help": "weights and activations of the generating target: auto (the checkpoint's) | "
@@ -181,6 +193,21 @@ class DistillConfig:
             raise ValueError("--batch-size and --max-new-tokens must be at least 1")
         if self.n is not None and self.n < 1:
             raise ValueError(f"--n must be at least 1 (or omitted for all), got {self.n}")
+        if self.retry_mode not in ("none", *MODES):
+            raise ValueError(f"retry_mode must be none or one of {MODES}, got "
+                             f"{self.retry_mode!r}")
+        self.attempts()  # a clear error for a bad temperature, top_p or penalty
+
+    def attempts(self) -> list[tuple[str, Decoding]]:
+        """(prompt mode, decoding) of each attempt, in order: the first, then the retry."""
+        first = (self.mode, Decoding(self.max_new_tokens, self.temperature, self.top_p,
+                                     self.repetition_penalty, self.seed))
+        if self.retry_mode == "none":
+            return [first]
+        retry = Decoding(self.retry_max_new_tokens or self.max_new_tokens,
+                         self.retry_temperature, self.retry_top_p,
+                         self.retry_repetition_penalty, self.seed + 1)
+        return [first, (self.retry_mode, retry)]
 
 
 @dataclass
@@ -309,11 +336,13 @@ def make_generator(cfg: DistillConfig, console: Console) -> tuple[Generator, Any
         generation_config = GenerationConfig.from_pretrained(path) \
             if (path / "generation_config.json").is_file() else None
         stop_ids = stop_token_ids(AutoConfig.from_pretrained(path), generation_config, tokenizer)
+        longest = max(d.max_new_tokens for _, d in cfg.attempts())
         gen = VLLMGenerator(path, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed,
                             max_model_len=cfg.max_prompt_tokens + cfg.max_reference_tokens
-                            + cfg.max_new_tokens + 256,
+                            + longest + 256,
                             stop_ids=stop_ids, kv_cache_gib=cfg.vllm_kv_cache_gib,
-                            eager=cfg.vllm_eager, dtype=cfg.dtype)
+                            eager=cfg.vllm_eager, dtype=cfg.dtype,
+                            repetition_penalty=cfg.repetition_penalty)
         return gen, tokenizer
     import torch
 
@@ -324,7 +353,7 @@ def make_generator(cfg: DistillConfig, console: Console) -> tuple[Generator, Any
     dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     model, tokenizer = load_model(path, dtype=dtype, device=device)
     return TransformersGenerator(model, tokenizer, cfg.max_new_tokens, cfg.temperature,
-                                 cfg.top_p, cfg.seed), tokenizer
+                                 cfg.top_p, cfg.seed, cfg.repetition_penalty), tokenizer
 
 
 # ---------------------------------------------------------------------------- output files
@@ -391,22 +420,38 @@ def write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
 # ---------------------------------------------------------------------------- run
 
 
-def output_record(turn: FirstTurn, gen: Generation, cfg: DistillConfig, math_like: bool
-                  ) -> dict[str, Any]:
-    reason = reject_reason(gen.text, instruction=turn.instruction, reference=turn.reference,
-                           finished=gen.finished, math_like=math_like, n=cfg.repeat_ngram,
-                           max_repeat_share=cfg.max_repeat_share,
-                           max_line_repeats=cfg.max_line_repeats)
+def filter_reason(turn: FirstTurn, gen: Generation, cfg: DistillConfig, math_like: bool
+                  ) -> str | None:
+    return reject_reason(gen.text, instruction=turn.instruction, reference=turn.reference,
+                         finished=gen.finished, math_like=math_like, n=cfg.repeat_ngram,
+                         max_repeat_share=cfg.max_repeat_share,
+                         max_line_repeats=cfg.max_line_repeats)
+
+
+def attempt_settings(mode: str, decoding: Decoding) -> dict[str, Any]:
+    """The provenance of one attempt: its prompt mode and decoding settings."""
+    return {"mode": mode, **decoding.as_dict()}
+
+
+def output_record(turn: FirstTurn, tries: list[tuple[str, Decoding, Generation, str | None]],
+                  cfg: DistillConfig, math_like: bool) -> dict[str, Any]:
+    """The record of a turn from its attempts, in order: (mode, decoding, generation, filter
+    reason); the last one is kept when its reason is None, else the original answer is."""
+    mode, decoding, gen, reason = tries[-1]
     answer = turn.reference if reason else gen.text
     record = {
         "id": turn.id, "source": turn.source,
         "messages": turn.prompt + [{"role": "assistant", "content": answer}],
         "origin": "fallback" if reason else "distilled", "reason": reason,
         "mode": cfg.mode, "target": cfg.target, "math": math_like,
-        "generated_tokens": len(gen.token_ids),
+        # the attempt that wrote the answer (a fallback: how many were made) and its settings
+        "attempt": len(tries), "decoding": attempt_settings(mode, decoding),
+        "generated_tokens": sum(len(g.token_ids) for _, _, g, _ in tries),
     }
-    if reason:
-        record["rejected"] = gen.text
+    rejected = [{"attempt": i, "reason": r, "text": g.text}
+                for i, (_, _, g, r) in enumerate(tries, 1) if r]
+    if rejected:
+        record["rejected"] = rejected
     return record
 
 
@@ -414,11 +459,21 @@ def summarize(records: list[dict[str, Any]], skipped: Counter, cfg: DistillConfi
               tokens: int, seconds: float) -> dict[str, Any]:
     reasons = Counter(r["reason"] for r in records if r["reason"])
     kept = sum(r["origin"] == "distilled" for r in records)
+    attempts = cfg.attempts()
+    kept_by = Counter(r.get("attempt", 1) for r in records if r["origin"] == "distilled")
+    first = Counter()  # the first attempt's reasons, before any retry
+    for r in records:
+        rej = r.get("rejected")
+        if isinstance(rej, list) and rej and rej[0].get("attempt") == 1:
+            first[rej[0]["reason"]] += 1
     return {
         "out": str(cfg.out), "records": len(records), "distilled": kept,
         "fallback": len(records) - kept,
         "kept_share": round(kept / len(records), 4) if records else 0.0,
         "reasons": {r: reasons.get(r, 0) for r in REASONS},
+        "attempts": [{**attempt_settings(m, d), "kept": kept_by.get(i, 0)}
+                     for i, (m, d) in enumerate(attempts, 1)],
+        "first_attempt_reasons": {r: first.get(r, 0) for r in REASONS},
         "math_records": sum(bool(r.get("math")) for r in records),
         "skipped": dict(sorted(skipped.items())),
         "generated_tokens_total": sum(r.get("generated_tokens", 0) for r in records),
@@ -427,6 +482,51 @@ def summarize(records: list[dict[str, Any]], skipped: Counter, cfg: DistillConfi
         "data": cfg.data, "data_sha256": data_sha256(cfg.data),
         "config": dataclasses.asdict(cfg),
     }
+
+
+def check_resumable(done: dict[str, dict[str, Any]], cfg: DistillConfig, where: Path) -> None:
+    """Records already written must come from this config's mode, target and attempts."""
+    settings = [attempt_settings(m, d) for m, d in cfg.attempts()]
+    for r in done.values():
+        if r.get("mode") != cfg.mode or r.get("target") != cfg.target:
+            raise ValueError(
+                f"{where} holds records made with mode {r.get('mode')!r} and target "
+                f"{r.get('target')!r}, not {cfg.mode!r} / {cfg.target!r}: use another --out, "
+                f"or delete it to start over")
+        attempt, decoding = r.get("attempt", 1), r.get("decoding")
+        if decoding is not None and (attempt > len(settings)
+                                     or settings[attempt - 1] != decoding):
+            raise ValueError(
+                f"{where} holds records decoded with {decoding} (attempt {attempt}), which "
+                f"this run's settings do not make: use another --out, or rerun with the same "
+                f"decoding flags")
+
+
+def generate_batch(batch: list[tuple[FirstTurn, list[int], bool]], generator: Generator,
+                   tokenizer, cfg: DistillConfig) -> tuple[list[dict[str, Any]], int]:
+    """Records for a batch of (turn, first prompt ids, math-like): every turn goes through the
+    first attempt, the rejected ones through the retry (if any). Also the tokens generated."""
+    tries: list[list] = [[] for _ in batch]
+    pending, tokens = list(range(len(batch))), 0
+    for number, (mode, decoding) in enumerate(cfg.attempts()):
+        if not pending:
+            break
+        if number == 0:
+            prompts = [batch[i][1] for i in pending]
+        else:  # the retry's prompt (the same one, or the instruction alone)
+            prompts = [chat_ids(tokenizer, rewrite_messages(
+                batch[i][0], tokenizer, mode, cfg.max_reference_tokens, cfg.template)[0])
+                for i in pending]
+        gens = generator(prompts, decoding)
+        if len(gens) != len(prompts):
+            raise RuntimeError(f"generator returned {len(gens)} results for {len(prompts)}")
+        tokens += sum(len(g.token_ids) for g in gens)
+        for i, g in zip(pending, gens):
+            turn, _, math_like = batch[i]
+            tries[i].append((mode, decoding, g, filter_reason(turn, g, cfg, math_like)))
+        pending = [i for i in pending if tries[i][-1][3] is not None]
+    records = [output_record(t, tr, cfg, m) for (t, _, m), tr in zip(batch, tries)]
+    return records, tokens
 
 
 def run(cfg: DistillConfig, generator: Generator | None = None, tokenizer=None,
@@ -449,12 +549,7 @@ def run(cfg: DistillConfig, generator: Generator | None = None, tokenizer=None,
                         f"--data, --split and --max-prompt-tokens")
     part = partial_path(out)
     done = {**read_done(out), **read_done(part)}
-    for r in done.values():
-        if r.get("mode") != cfg.mode or r.get("target") != cfg.target:
-            raise ValueError(
-                f"{part if part.exists() else out} holds records made with mode "
-                f"{r.get('mode')!r} and target {r.get('target')!r}, not {cfg.mode!r} / "
-                f"{cfg.target!r}: use another --out, or delete it to start over")
+    check_resumable(done, cfg, part if part.exists() else out)
     todo = [t for t in turns if t.id not in done]
 
     # Prompts, longest first: a batch holds similar lengths, and memory peaks at once.
@@ -468,7 +563,8 @@ def run(cfg: DistillConfig, generator: Generator | None = None, tokenizer=None,
     tokens, seconds = 0, 0.0
     if jobs:
         console.print(f"distill: {len(jobs)} records to generate ({len(turns) - len(jobs)} "
-                      f"already done), mode {cfg.mode}, engine {cfg.engine}")
+                      f"already done), mode {cfg.mode}, engine {cfg.engine}, attempts "
+                      f"{[attempt_settings(m, d) for m, d in cfg.attempts()]}")
     columns = [TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[tps]} tok/s"), TextColumn("kept {task.fields[kept]}"),
                TimeElapsedColumn(), TimeRemainingColumn()]
@@ -478,15 +574,12 @@ def run(cfg: DistillConfig, generator: Generator | None = None, tokenizer=None,
         for start in range(0, len(jobs), cfg.batch_size):
             batch = jobs[start:start + cfg.batch_size]
             t0 = time.perf_counter()
-            gens = generator([ids for _, ids, _ in batch])
+            records, batch_tokens = generate_batch(batch, generator, tokenizer, cfg)
             seconds += time.perf_counter() - t0
-            if len(gens) != len(batch):
-                raise RuntimeError(f"generator returned {len(gens)} results for {len(batch)}")
-            records = [output_record(t, g, cfg, m) for (t, _, m), g in zip(batch, gens)]
             append_records(part, records)
             for r in records:
                 done[r["id"]] = r
-            tokens += sum(len(g.token_ids) for g in gens)
+            tokens += batch_tokens
             kept += sum(r["origin"] == "distilled" for r in records)
             progress.update(task, advance=len(batch), kept=kept,
                             tps=f"{tokens / seconds:.1f}" if seconds else "-")
@@ -506,6 +599,9 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     table.add_row("fell back to original", str(summary["fallback"]))
     for reason, count in summary["reasons"].items():
         table.add_row(f"  {reason}", str(count))
+    for i, a in enumerate(summary.get("attempts", []), 1):
+        settings = ", ".join(f"{k} {v}" for k, v in a.items() if k != "kept")
+        table.add_row(f"kept by attempt {i}", f"{a['kept']} ({settings})")
     table.add_row("math records", str(summary["math_records"]))
     for reason, count in summary["skipped"].items():
         table.add_row(f"skipped: {reason}", str(count))

@@ -1,16 +1,48 @@
 """Batched generation backends for data jobs (self-data distillation): transformers
 `generate` with left padding and a KV cache (CPU or GPU), and vLLM's offline `LLM.generate`.
 
-Both take chat-templated prompts as token ids and return `Generation`s: the new tokens without
-the stop token, their text, and whether generation stopped on its own (False: cut off at
+Both take chat-templated prompts as token ids and a `Decoding` (the sampling settings of one
+call; the generator's own when omitted) and return `Generation`s: the new tokens without the
+stop token, their text, and whether generation stopped on its own (False: cut off at
 max_new_tokens, which the distillation filter rejects as truncated).
+
+Both engines read a `Decoding` the same way: temperature 0 is greedy (top_p then unused);
+`repetition_penalty` is the CTRL penalty (arXiv 1909.05858) over every token of the prompt and
+of the answer so far (a positive logit divided by it, a negative one multiplied), which is what
+transformers' `repetition_penalty` and vLLM's `SamplingParams.repetition_penalty` both do;
+sampling is seeded per call (`seed`), so a rerun draws the same answers on the same engine.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """The sampling settings of one generate call."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0  # 1: none
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got "
+                             f"{self.temperature} and {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1: none), got "
+                             f"{self.repetition_penalty}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -21,7 +53,8 @@ class Generation:
 
 
 class Generator(Protocol):
-    def __call__(self, prompts: list[list[int]]) -> list[Generation]: ...
+    def __call__(self, prompts: list[list[int]],
+                 decoding: Decoding | None = None) -> list[Generation]: ...
 
 
 def stop_token_ids(config, generation_config, tokenizer) -> list[int]:
@@ -43,19 +76,21 @@ class TransformersGenerator:
     """Batched `model.generate`: left padding, KV cache, greedy or sampled."""
 
     def __init__(self, model, tokenizer, max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0):
+                 top_p: float = 1.0, seed: int = 0, repetition_penalty: float = 1.0):
         import torch
 
         self.torch = torch
         self.model, self.tokenizer = model, tokenizer
-        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        self.seed, self.calls = seed, 0
+        self.decoding = Decoding(max_new_tokens, temperature, top_p, repetition_penalty, seed)
+        self.calls = 0
         self.stop_ids = stop_token_ids(model.config, model.generation_config, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.stop_ids[0]
 
-    def __call__(self, prompts: list[list[int]]) -> list[Generation]:
+    def __call__(self, prompts: list[list[int]],
+                 decoding: Decoding | None = None) -> list[Generation]:
         torch = self.torch
+        d = decoding or self.decoding
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -63,13 +98,15 @@ class TransformersGenerator:
         for row, p in enumerate(prompts):  # left padding: every prompt ends at the same column
             input_ids[row, width - len(p):] = torch.tensor(p)
             attention_mask[row, width - len(p):] = 1
-        sample = self.temperature > 0
-        kwargs: dict[str, Any] = dict(do_sample=sample, max_new_tokens=self.max_new_tokens,
+        sample = d.temperature > 0
+        # The pad id is the stop id here, and every chat-templated prompt holds a stop token
+        # already, so the penalty sees the same token set as vLLM's (prompt + answer so far).
+        kwargs: dict[str, Any] = dict(do_sample=sample, max_new_tokens=d.max_new_tokens,
                                       pad_token_id=self.pad_id, eos_token_id=self.stop_ids,
-                                      use_cache=True)
+                                      repetition_penalty=d.repetition_penalty, use_cache=True)
         if sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
-            torch.manual_seed(self.seed + self.calls)
+            kwargs.update(temperature=d.temperature, top_p=d.top_p, top_k=0)
+            torch.manual_seed(d.seed + self.calls)
         else:  # silence the checkpoint's sampling defaults under greedy
             kwargs.update(temperature=None, top_p=None, top_k=None)
         self.calls += 1
@@ -92,7 +129,7 @@ class VLLMGenerator:
     def __init__(self, model_path: str | Path, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, max_model_len: int | None = None,
                  stop_ids: list[int] | None = None, kv_cache_gib: float | None = None,
-                 eager: bool = False, dtype: str = "auto"):
+                 eager: bool = False, dtype: str = "auto", repetition_penalty: float = 1.0):
         try:
             from vllm import LLM, SamplingParams
         except ImportError as exc:
@@ -101,19 +138,27 @@ class VLLMGenerator:
                 f"({exc}). Install it on a GPU machine (`pip install vllm`), or use "
                 "--engine transformers."
             ) from exc
+        self.SamplingParams = SamplingParams
         self.stop_ids = set(stop_ids or [])
+        self.decoding = Decoding(max_new_tokens, temperature, top_p, repetition_penalty, seed)
         kwargs: dict[str, Any] = {}
         if kv_cache_gib:  # a fixed KV cache instead of a share of all (GPU or CPU) memory
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
         self.llm = LLM(model=str(model_path), seed=seed, max_model_len=max_model_len,
                        enforce_eager=eager, dtype=dtype, **kwargs)
-        self.params = SamplingParams(temperature=temperature, top_p=top_p,
-                                     max_tokens=max_new_tokens, seed=seed,
-                                     stop_token_ids=sorted(self.stop_ids) or None)
 
-    def __call__(self, prompts: list[list[int]]) -> list[Generation]:
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], self.params,
-                                 use_tqdm=False)
+    def params(self, d: Decoding):
+        """vLLM's SamplingParams for a Decoding (top_p only matters when sampling)."""
+        return self.SamplingParams(temperature=d.temperature,
+                                   top_p=d.top_p if d.temperature > 0 else 1.0,
+                                   repetition_penalty=d.repetition_penalty,
+                                   max_tokens=d.max_new_tokens, seed=d.seed,
+                                   stop_token_ids=sorted(self.stop_ids) or None)
+
+    def __call__(self, prompts: list[list[int]],
+                 decoding: Decoding | None = None) -> list[Generation]:
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                 self.params(decoding or self.decoding), use_tqdm=False)
         results = []
         for out in outs:
             c = out.outputs[0]

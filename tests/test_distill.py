@@ -1,5 +1,6 @@
 """specdec.distill: filter reasons, math detection, templates, record selection, resume, CLI."""
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -11,8 +12,8 @@ from rich.console import Console
 
 from conftest import save_tiny_chat_model, tiny_chat_tokenizer, write_chat_data
 from specdec import distill
-from specdec.distill import (DistillConfig, Generation, TransformersGenerator, first_turns,
-                             rewrite_messages)
+from specdec.distill import (Decoding, DistillConfig, Generation, TransformersGenerator,
+                             first_turns, rewrite_messages)
 from specdec.filters import REASONS, final_number, is_math, reject_reason
 from specdec.models import load_model
 
@@ -118,11 +119,11 @@ class FailAfter:
     def __init__(self, inner, k):
         self.inner, self.k, self.calls = inner, k, 0
 
-    def __call__(self, prompts):
+    def __call__(self, prompts, decoding=None):
         if self.calls == self.k:
             raise Interrupted("simulated interrupt")
         self.calls += 1
-        return self.inner(prompts)
+        return self.inner(prompts, decoding)
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +185,7 @@ def test_generated_text_is_kept_when_it_passes(tmp_path):
     data = write_chat_data(tmp_path / "d.jsonl", n=2)
     tok = tiny_chat_tokenizer()
 
-    def fixed(prompts):
+    def fixed(prompts, decoding=None):
         return [Generation([5, 6], "A fine answer about it.", True) for _ in prompts]
 
     cfg = DistillConfig(out=str(tmp_path / "o.jsonl"), data=str(data), n=2, mode="regenerate",
@@ -195,6 +196,103 @@ def test_generated_text_is_kept_when_it_passes(tmp_path):
     assert recs[0]["messages"] == [{"role": "user", "content": "Say hi number 0"},
                                    {"role": "assistant", "content": "A fine answer about it."}]
     assert result.summary["kept_share"] == 1.0
+    assert recs[0]["attempt"] == 1 and "rejected" not in recs[0]
+    assert recs[0]["decoding"] == {"mode": "regenerate", "max_new_tokens": 256,
+                                   "temperature": 0.0, "top_p": 1.0,
+                                   "repetition_penalty": cfg.repetition_penalty, "seed": 0}
+
+
+def test_retry_and_decoding_provenance(tmp_path):
+    """A rejected first attempt is retried with the retry's prompt and settings; every record
+    and the summary say which attempt wrote the answer and how it was decoded."""
+    data = write_chat_data(tmp_path / "d.jsonl", n=4)
+    tok = tiny_chat_tokenizer()
+    calls = []
+
+    def scripted(prompts, decoding=None):
+        calls.append((len(prompts), decoding))
+        if len(calls) == 1:  # first attempt: a loop, a cut-off answer, then two good ones
+            texts = [("loop " * 40, True), ("Cut off", False)] + [("Fine.", True)] * 2
+        else:  # the retry: one good, one loop again
+            texts = [("A second try that works.", True), ("again " * 40, True)]
+        return [Generation([5] * 3, t, f) for t, f in texts[:len(prompts)]]
+
+    cfg = DistillConfig(out=str(tmp_path / "o.jsonl"), data=str(data), n=4, target="t",
+                        max_new_tokens=32, repetition_penalty=1.1, retry_mode="regenerate",
+                        retry_temperature=0.5, retry_top_p=0.9, retry_repetition_penalty=1.3,
+                        retry_max_new_tokens=48, max_prompt_tokens=60, seed=7)
+    result = distill.run(cfg, generator=scripted, tokenizer=tok)
+    first, retry = calls[0][1], calls[1][1]
+    assert calls[0][0] == 4 and calls[1][0] == 2  # only the two rejected ones are retried
+    assert (first.max_new_tokens, first.temperature, first.repetition_penalty, first.seed) \
+        == (32, 0.0, 1.1, 7)
+    assert (retry.max_new_tokens, retry.temperature, retry.top_p, retry.repetition_penalty,
+            retry.seed) == (48, 0.5, 0.9, 1.3, 8)
+    recs = {r["id"]: r for r in map(json.loads, result.out.read_text().splitlines())}
+    order = [t.id for t in first_turns(str(data), tok, n=4, max_prompt_tokens=60)]
+    # the longest prompt went first; the data order of results is restored at the end
+    by_answer = {r["messages"][-1]["content"]: r for r in recs.values()}
+    kept2 = by_answer["A second try that works."]
+    assert kept2["origin"] == "distilled" and kept2["attempt"] == 2 and kept2["reason"] is None
+    assert kept2["decoding"] == {"mode": "regenerate", "max_new_tokens": 48,
+                                 "temperature": 0.5, "top_p": 0.9, "repetition_penalty": 1.3,
+                                 "seed": 8}
+    assert [x["reason"] for x in kept2["rejected"]] == ["repetition"]
+    assert kept2["generated_tokens"] == 6  # both attempts count
+    lost = [r for r in recs.values() if r["origin"] == "fallback"]
+    assert len(lost) == 1 and lost[0]["attempt"] == 2 and lost[0]["reason"] == "repetition"
+    assert [x["reason"] for x in lost[0]["rejected"]] == ["truncated", "repetition"]
+    assert lost[0]["decoding"]["mode"] == "regenerate"
+    for r in recs.values():
+        if r["attempt"] == 1:
+            assert r["decoding"] == {"mode": "rewrite", "max_new_tokens": 32,
+                                     "temperature": 0.0, "top_p": 1.0,
+                                     "repetition_penalty": 1.1, "seed": 7}
+    assert list(recs) == order
+    s = result.summary
+    assert [a["kept"] for a in s["attempts"]] == [2, 1]
+    one = next(r for r in recs.values() if r["attempt"] == 1)
+    assert s["attempts"][0] == {**one["decoding"], "kept": 2}
+    assert s["attempts"][1]["mode"] == "regenerate" and s["attempts"][1]["temperature"] == 0.5
+    assert s["first_attempt_reasons"]["repetition"] == 1
+    assert s["first_attempt_reasons"]["truncated"] == 1
+    assert s["reasons"]["repetition"] == 1 and s["fallback"] == 1
+    # a rerun with other decoding settings cannot mix into the same file
+    other = dataclasses.replace(cfg, repetition_penalty=1.0)
+    with pytest.raises(ValueError, match="decoded with"):
+        distill.run(other, generator=scripted, tokenizer=tok)
+
+
+def test_engines_read_a_decoding_alike(tiny_target):
+    """transformers' generate kwargs and vLLM's SamplingParams carry the same settings."""
+    model, tok = load_model(tiny_target)
+    seen = {}
+    real = model.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return real(**kwargs)
+
+    model.generate = spy
+    d = Decoding(max_new_tokens=5, temperature=0.4, top_p=0.8, repetition_penalty=1.2, seed=3)
+    gen = TransformersGenerator(model, tok, max_new_tokens=9)
+    out = gen([[1, 2, 3], [4, 5]], d)
+    assert len(out) == 2 and all(len(g.token_ids) <= 5 for g in out)
+    assert {k: seen[k] for k in ("max_new_tokens", "temperature", "top_p",
+                                 "repetition_penalty", "do_sample")} == \
+        dict(max_new_tokens=5, temperature=0.4, top_p=0.8, repetition_penalty=1.2,
+             do_sample=True)
+    gen([[1, 2, 3]])  # the generator's own settings: greedy, 9 tokens, no penalty
+    assert (seen["do_sample"], seen["max_new_tokens"], seen["repetition_penalty"]) == \
+        (False, 9, 1.0)
+
+    vllm_gen = object.__new__(distill.VLLMGenerator)  # no engine: only the settings mapping
+    vllm_gen.SamplingParams, vllm_gen.stop_ids = dict, {2}
+    assert vllm_gen.params(d) == dict(temperature=0.4, top_p=0.8, repetition_penalty=1.2,
+                                      max_tokens=5, seed=3, stop_token_ids=[2])
+    assert vllm_gen.params(Decoding(temperature=0.0, top_p=0.5))["top_p"] == 1.0
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        Decoding(repetition_penalty=0)
 
 
 def test_vllm_engine_fails_clearly_without_vllm(tmp_path):
@@ -224,7 +322,8 @@ def test_config_to_args_round_trips():
 
     cfg = DistillConfig(out="x/d.jsonl", n=7, engine="vllm", dtype="bfloat16",
                         max_answer_tokens=None, vllm_kv_cache_gib=1.5, vllm_eager=True,
-                        temperature=0.7)
+                        temperature=0.7, repetition_penalty=1.15, retry_mode="regenerate",
+                        retry_temperature=0.3, retry_max_new_tokens=300)
     parser = config_parser(DistillConfig, "p", "d")
     assert config_from_args(DistillConfig, parser.parse_args(config_to_args(cfg))) == cfg
 
