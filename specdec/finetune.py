@@ -3,26 +3,35 @@
     python -m specdec.finetune --draft runs/x/pruned --data runs/x/distilled.jsonl \
         --out runs/x/sd [--lora | --full] [--kd 0.5 --kd-temperature 1.0 \
         --target smollm2-135m-instruct]
+    python -m specdec.logit_cache --data runs/x/distilled.jsonl --top-k 32 \
+        --out runs/x/distilled.logits           # once; then KD epochs never run the target:
+    python -m specdec.finetune --draft runs/x/pruned --data runs/x/distilled.jsonl --full \
+        --kd 0.5 --kd-tv 1.0 --kd-cache runs/x/distilled.logits --freeze-below-cut \
+        --freeze-embeddings --out runs/x/sd-kd
     python -m specdec.finetune --draft runs/x/pruned --data sharegpt --n 1000 --out runs/x/sft
     torchrun --nproc-per-node 2 -m specdec.finetune ...   # data parallel (gloo on CPU)
 
 The SFT baseline and the self-distilled draft share this recipe; only --data differs. Each
-record's first turn is chat-templated exactly as at inference: the prompt rendered with the
-generation prompt, then the response tokens the template puts after it, up to and including the
-end-of-turn token. The loss is on those response tokens only (the prompt is rendered on its own
-and must be a prefix of the whole conversation; a record where it is not is skipped and
-counted). Records are selected as `specdec.distill` selects them (first turns, the train split of
-a built-in source, prompts capped at --max-prompt-tokens, answers at --max-answer-tokens), so
+record's first turn is chat-templated exactly as at inference (`specdec.train_data`); the loss
+is on the response tokens only. Records are selected as `specdec.distill` selects them, so
 `--data sharegpt --n N` trains on the records that `specdec.distill --n N` rewrote (pass the
 same caps).
 
-Loss per optimizer step = sum over the global batch's response tokens of
-cross-entropy + kd * T^2 * KL(target_probs || draft_probs) at temperature T, divided by the
-number of response tokens in the global batch. --batch-size is the global batch (sequences per
-step); each process takes its share and accumulates gradients over micro-batches of
---micro-batch-size, and gradients are summed across processes, so one process and N processes
-follow the same loss curve. Batches group similar lengths; lr warms up linearly and decays on a
-cosine.
+Loss per optimizer step = sum over the global batch's response tokens of cross-entropy
++ kd * T^2 * KL(target_probs || draft_probs) + kd_tv * TV(target_probs, draft_probs) at
+temperature T, divided by the number of response tokens in the global batch (`specdec.kd`).
+The KD terms are on the full vocabulary, or with --kd-top-k K on the (K + 1)-way partition of
+the target's top K ids plus the rest; --kd-cache reads that partition from a
+`specdec.logit_cache` cache (checked against this run's target, data, selection, template,
+top-k and temperature) instead of running the target. --batch-size is the global batch
+(sequences per step); each process takes its share and accumulates gradients over
+micro-batches of --micro-batch-size, and gradients are summed across processes, so one process
+and N processes follow the same loss curve. Batches group similar lengths; lr warms up linearly
+and decays on a cosine.
+
+--freeze-below-cut freezes the draft's layers below the removed block (from the `removed_layers`
+of its specdec.json): they see exactly the target's inputs. With --freeze-embeddings too (the
+tied embedding/head), nothing below the cut needs a backward pass.
 
 LoRA (peft) adapters are merged into the weights at the end. The result is a plain
 LlamaForCausalLM checkpoint dir plus specdec.json (parent, data file and sha256, recipe, loss
@@ -39,7 +48,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -57,17 +65,24 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
+from specdec import logit_cache
 from specdec.cli import config_from_args, config_parser
-from specdec.data import DataError, chat_ids
-from specdec.distill import data_sha256, first_turns
+from specdec.data import DataError
+from specdec.distill import data_sha256
+from specdec.kd import OnlineTeacher, kd_losses, response_logits
 from specdec.models import (MANIFEST, ModelError, load_model, read_manifest, resolve_model,
                             save_checkpoint, write_json_atomic)
+from specdec.train_data import (DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_SEQ_LEN, Example,
+                                Selection, build_examples, collate, epoch_batches, special_ids)
 
 METHODS = ("lora", "full")
 DEFAULT_LR = {"lora": 2e-4, "full": 5e-5}
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Fields that do not change what is trained: a resume may change them.
 NOT_RECIPE = ("out", "save_every", "device")
+# Recipe fields added after runs were made: at these values they leave a fingerprint as it was.
+LATER_DEFAULTS = {"kd_tv": 0.0, "kd_top_k": None, "kd_cache": None, "freeze_below_cut": False,
+                  "freeze_embeddings": False}
 
 
 @dataclass
@@ -80,11 +95,12 @@ class FinetuneConfig:
     split: str = field(default="train", metadata={
         "help": "split of a built-in source (local files are used whole)",
         "choices": ["train", "test", "all"]})
-    max_prompt_tokens: int = field(default=512, metadata={
+    max_prompt_tokens: int = field(default=DEFAULT_MAX_PROMPT_TOKENS, metadata={
         "help": "skip records whose chat-templated prompt is longer (as distill does)"})
     max_answer_tokens: int | None = field(default=None, metadata={
         "help": "skip records whose answer is longer (as distill does)"})
-    max_seq_len: int = field(default=1024, metadata={"help": "truncate longer sequences"})
+    max_seq_len: int = field(default=DEFAULT_MAX_SEQ_LEN,
+                             metadata={"help": "truncate longer sequences"})
     method: str = field(default="lora", metadata={"choices": list(METHODS),
                                                   "help": "also --lora / --full"})
     lora_rank: int = 16
@@ -103,10 +119,21 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     kd: float = field(default=0.0, metadata={
-        "help": "weight of the KL(target || draft) term on response tokens (0: off)"})
+        "help": "weight of the T^2 KL(target || draft) term on response tokens (0: off)"})
+    kd_tv: float = field(default=0.0, metadata={
+        "help": "weight of the total-variation term (1 - TV is the acceptance alpha; 0: off)"})
     kd_temperature: float = 1.0
+    kd_top_k: int | None = field(default=None, metadata={
+        "help": "KD on the target's top-k ids plus one residual bucket (default: the full "
+                "vocabulary online; the cache's k with --kd-cache)"})
+    kd_cache: str | None = field(default=None, metadata={
+        "help": "a specdec.logit_cache dir for this data: KD without running the target"})
     target: str | None = field(default=None, metadata={
         "help": "the KD teacher (default: the target named in the draft's specdec.json)"})
+    freeze_below_cut: bool = field(default=False, metadata={
+        "help": "freeze the layers below the removed block (specdec.json removed_layers)"})
+    freeze_embeddings: bool = field(default=False, metadata={
+        "help": "freeze the input embedding (and the LM head when tied to it)"})
     seed: int = 0
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast (CPU or CUDA)"})
     group_by_length: bool = True
@@ -119,8 +146,17 @@ class FinetuneConfig:
         for name in ("batch_size", "micro_batch_size", "epochs", "max_seq_len", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.kd < 0 or self.kd_temperature <= 0:
-            raise ValueError("--kd must be >= 0 and --kd-temperature > 0")
+        if self.kd < 0 or self.kd_tv < 0 or self.kd_temperature <= 0:
+            raise ValueError("--kd and --kd-tv must be >= 0 and --kd-temperature > 0")
+        if self.kd_top_k is not None and self.kd_top_k < 1:
+            raise ValueError("--kd-top-k must be at least 1 (or none: the full vocabulary)")
+        if self.kd_cache and not self.uses_kd:
+            raise ValueError("--kd-cache without --kd or --kd-tv has nothing to do; set a KD "
+                             "weight, or drop --kd-cache")
+
+    @property
+    def uses_kd(self) -> bool:
+        return self.kd > 0 or self.kd_tv > 0
 
     @property
     def learning_rate(self) -> float:
@@ -142,153 +178,39 @@ class FinetuneResult:
     resumed_from: int = 0  # the step a checkpoint resumed from (0: started fresh)
 
 
-# ---------------------------------------------------------------------------- examples
+# ---------------------------------------------------------------------------- loss and step
 
 
-@dataclass
-class Example:
-    id: str
-    input_ids: list[int]  # prompt then response
-    n_prompt: int  # the first n_prompt tokens carry no loss
-
-    @property
-    def n_response(self) -> int:
-        return len(self.input_ids) - self.n_prompt
-
-
-def build_example(tokenizer, record_id: str, prompt: list[dict[str, str]], response: str,
-                  stop_ids: set[int], max_seq_len: int) -> Example | str:
-    """Token ids of prompt + response as the chat template renders them at inference, or why
-    not ('prefix_mismatch', 'empty_response', 'too_long').
-
-    The prompt is rendered with the generation prompt; the whole conversation must start with
-    exactly those tokens. The response tokens are what follows, up to and including the first
-    stop token (the template's end-of-turn); anything the template adds after it is dropped.
-    """
-    response = response.strip()
-    if not response:
-        return "empty_response"
-    prefix = chat_ids(tokenizer, prompt, add_generation_prompt=True)
-    full = chat_ids(tokenizer, prompt + [{"role": "assistant", "content": response}],
-                    add_generation_prompt=False)
-    if full[:len(prefix)] != prefix:
-        return "prefix_mismatch"
-    tail = full[len(prefix):]
-    cut = next((i for i, t in enumerate(tail) if t in stop_ids), None)
-    if cut is not None:
-        tail = tail[:cut + 1]
-    ids = (prefix + tail)[:max_seq_len]
-    if len(ids) <= len(prefix):
-        return "too_long"
-    return Example(record_id, ids, len(prefix))
-
-
-def build_examples(cfg: FinetuneConfig, tokenizer, stop_ids: set[int],
-                   counts: Counter) -> list[Example]:
-    turns = first_turns(cfg.data, tokenizer, cfg.n, cfg.split, cfg.max_prompt_tokens, counts,
-                        cfg.max_answer_tokens)
-    examples = []
-    for t in turns:
-        ex = build_example(tokenizer, t.id, t.prompt, t.reference, stop_ids, cfg.max_seq_len)
-        if isinstance(ex, str):
-            counts[ex] += 1
-        else:
-            examples.append(ex)
-    if turns and counts["prefix_mismatch"] > 0.1 * len(turns):
-        raise DataError(
-            f"{counts['prefix_mismatch']} of {len(turns)} records render differently with and "
-            f"without the generation prompt: the chat template does not put the response right "
-            f"after the prompt, so the loss mask would be wrong. Fix the tokenizer's "
-            f"chat_template (it must render the generation prompt as the start of the "
-            f"assistant turn).")
-    if not examples:
-        raise DataError(f"no training examples in {cfg.data} (skipped: {dict(counts)}); check "
-                        f"--data, --split, --max-prompt-tokens and --max-seq-len")
-    return examples
-
-
-def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
-                  group_by_length: bool = True) -> list[list[int]]:
-    """The global batches of one epoch: a seeded shuffle; with grouping, each run of
-    16 batches' worth of examples is sorted by length before it is cut into batches, and the
-    batches are shuffled again, so a batch holds similar lengths (little padding)."""
-    rng = random.Random(seed * 1_000_003 + epoch)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    if not group_by_length:
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    batches = []
-    mega = batch_size * 16
-    for start in range(0, len(order), mega):
-        chunk = sorted(order[start:start + mega], key=lambda i: -lengths[i])
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-def collate(examples: list[Example], pad_id: int, device) -> tuple[torch.Tensor, ...]:
-    """(input_ids, attention_mask, loss_mask, labels): right padded; loss_mask[b, j] marks
-    positions j whose logits predict a response token (labels holds those tokens in order)."""
-    width = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    loss_mask = torch.zeros((len(examples), width), dtype=torch.bool)
-    for row, e in enumerate(examples):
-        input_ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
-        attention_mask[row, :len(e.input_ids)] = 1
-        loss_mask[row, e.n_prompt - 1:len(e.input_ids) - 1] = True
-    labels = torch.cat([torch.tensor(e.input_ids[e.n_prompt:]) for e in examples])
-    return (input_ids.to(device), attention_mask.to(device), loss_mask.to(device),
-            labels.to(device))
-
-
-# ---------------------------------------------------------------------------- losses
-
-
-def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    loss_mask: torch.Tensor) -> torch.Tensor:
-    """Logits at the loss positions only: [n_response_tokens, vocab]. The LM head runs on the
-    selected hidden states, not the whole sequence (the prompt needs no logits)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                use_cache=False).last_hidden_state  # [batch, seq, hidden]
-    return base.get_output_embeddings()(hidden[loss_mask])
-
-
-def kd_kl(draft_logits: torch.Tensor, target_logits: torch.Tensor,
-          temperature: float = 1.0) -> torch.Tensor:
-    """Sum over tokens of KL(target_probs || draft_probs) at `temperature`, in fp32.
-    draft_logits, target_logits: [n_tokens, vocab]."""
-    draft_logp = F.log_softmax(draft_logits.float() / temperature, dim=-1)
-    target_logp = F.log_softmax(target_logits.float() / temperature, dim=-1)
-    return (target_logp.exp() * (target_logp - draft_logp)).sum()
-
-
-def accumulate_gradients(model, teacher, shard: list[Example], n_tokens: int,
-                         cfg: FinetuneConfig, pad_id: int, device: torch.device) -> torch.Tensor:
-    """Backpropagate this process's share of a global batch, micro-batch by micro-batch.
+def accumulate_gradients(model, teacher, examples: list[Example], shard: list[int],
+                         n_tokens: int, cfg: FinetuneConfig, pad_id: int,
+                         device: torch.device) -> torch.Tensor:
+    """Backpropagate this process's share (`shard`, indices into `examples`) of a global batch,
+    micro-batch by micro-batch.
 
     Each micro-batch adds d(loss_sum / n_tokens), where loss_sum is the sum over its response
-    tokens of cross-entropy (+ kd * T^2 * KL(target || draft)) and n_tokens counts the response
-    tokens of the whole global batch, so the gradients summed over micro-batches and processes
-    are those of the global batch's mean loss. Returns [cross-entropy sum, KL sum] (float64).
+    tokens of cross-entropy (+ kd * T^2 * KL(target || draft) + kd_tv * TV) and n_tokens counts
+    the response tokens of the whole global batch, so the gradients summed over micro-batches
+    and processes are those of the global batch's mean loss. `teacher(indices, input_ids,
+    attention_mask, loss_mask)` gives the target's logits or `TopK` at the loss positions.
+    Returns [cross-entropy sum, KL sum, TV sum] (float64).
     """
-    sums = torch.zeros(2, dtype=torch.float64)
+    sums = torch.zeros(3, dtype=torch.float64)
     temperature = cfg.kd_temperature
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     for m in range(0, len(shard), cfg.micro_batch_size):
+        indices = shard[m:m + cfg.micro_batch_size]
         input_ids, attention_mask, loss_mask, labels = collate(
-            shard[m:m + cfg.micro_batch_size], pad_id, device)
+            [examples[i] for i in indices], pad_id, device)
         with autocast:
             logits = response_logits(model, input_ids, attention_mask, loss_mask)
         ce = F.cross_entropy(logits.float(), labels, reduction="sum")
         loss = ce
         if teacher is not None:
-            with torch.no_grad(), autocast:
-                target_logits = response_logits(teacher, input_ids, attention_mask, loss_mask)
-            kl = kd_kl(logits, target_logits, temperature)
-            loss = ce + cfg.kd * temperature ** 2 * kl
+            target = teacher(indices, input_ids, attention_mask, loss_mask)
+            kl, tv = kd_losses(logits, target, temperature)
+            loss = ce + cfg.kd * temperature ** 2 * kl + cfg.kd_tv * tv
             sums[1] += kl.item()
+            sums[2] += tv.item()
         (loss / n_tokens).backward()
         sums[0] += ce.item()
     return sums
@@ -345,13 +267,67 @@ def save_training_state(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path / "state.pt")
 
 
-def fingerprint(recipe: dict[str, Any], data_hash: str, draft_hash: str) -> str:
-    """What a run trains, by content: the recipe with the draft and data named by their hashes
-    (not their paths, so a resume from another directory still matches)."""
-    recipe = {k: v for k, v in recipe.items() if k not in ("draft", "data")}
-    blob = json.dumps({"recipe": recipe, "data": data_hash, "draft": draft_hash},
-                      sort_keys=True, default=str)
+def fingerprint(recipe: dict[str, Any], data_hash: str, draft_hash: str,
+                teacher: str | None = None) -> str:
+    """What a run trains, by content: the recipe with the draft, data and KD cache named by
+    their hashes (not their paths, so a resume from another directory still matches)."""
+    recipe = {k: v for k, v in recipe.items() if k not in ("draft", "data", "kd_cache")
+              and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
+    content = {"recipe": recipe, "data": data_hash, "draft": draft_hash}
+    if teacher is not None:
+        content["teacher"] = teacher
+    blob = json.dumps(content, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainState:
+    """What a step changes and a checkpoint holds."""
+
+    trainable: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    step: int = 0
+    curve: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resume(state: TrainState, ckpt: Path, fp: str, console: Console) -> bool:
+    """Load `<out>.ckpt/state.pt` into `state` if there is one (made by the same recipe)."""
+    rank, world_size = world()
+    if not (ckpt / "state.pt").is_file():
+        return False
+    saved = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    if saved["fingerprint"] != fp:
+        raise ValueError(f"{ckpt} was made with another recipe or data; rerun with the same "
+                         f"arguments to resume, or delete it to start over")
+    with torch.no_grad():
+        for name, p in state.trainable.items():
+            p.copy_(saved["trainable"][name])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.step, state.curve = saved["step"], saved["curve"]
+    if len(saved["rng"]) == world_size:
+        set_rng_state(saved["rng"][rank])
+    elif rank == 0:
+        console.print("[yellow]note:[/yellow] resuming with another number of processes; "
+                      "dropout masks will differ from an uninterrupted run")
+    return True
+
+
+def checkpoint(state: TrainState, ckpt: Path, fp: str) -> None:
+    """Write `state` to `<out>.ckpt/state.pt` (rank 0; every rank's RNG state)."""
+    rank, world_size = world()
+    rngs = [None] * world_size
+    if world_size > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if rank == 0:
+        save_training_state(ckpt, {
+            "fingerprint": fp, "step": state.step, "curve": state.curve, "rng": rngs,
+            "trainable": {n: p.detach().cpu() for n, p in state.trainable.items()},
+            "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict()})
 
 
 def plot_curve(curve: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -364,9 +340,10 @@ def plot_curve(curve: list[dict[str, Any]], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [c["step"] for c in curve]
     ax.plot(steps, [c["loss"] for c in curve], label="loss")
-    if any(c.get("kd") for c in curve):
+    if any(c.get("kd") is not None for c in curve):
         ax.plot(steps, [c["ce"] for c in curve], label="cross-entropy", alpha=0.7)
         ax.plot(steps, [c["kd"] for c in curve], label="KL(target || draft)", alpha=0.7)
+        ax.plot(steps, [c["tv"] for c in curve], label="TV(target, draft)", alpha=0.7)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("loss per response token")
@@ -380,7 +357,7 @@ def plot_curve(curve: list[dict[str, Any]], path: Path, title: str) -> None:
     os.replace(tmp, path)
 
 
-# ---------------------------------------------------------------------------- run
+# ---------------------------------------------------------------------------- setup
 
 
 def resolve_device(device: str) -> torch.device:
@@ -389,11 +366,15 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def teacher_name(cfg: FinetuneConfig, draft_manifest: dict[str, Any]) -> str | None:
+    return cfg.target or draft_manifest.get("target")
+
+
 def load_teacher(cfg: FinetuneConfig, draft_manifest: dict[str, Any], draft, tokenizer, device):
-    name = cfg.target or draft_manifest.get("target")
+    name = teacher_name(cfg, draft_manifest)
     if not name:
         raise ValueError("--kd needs a teacher: pass --target (the draft's specdec.json names "
-                         "none)")
+                         "none), or --kd-cache")
     teacher, teacher_tok = load_model(name, dtype=torch.float32, device=device)
     if teacher.config.vocab_size != draft.config.vocab_size or \
             teacher_tok.get_vocab() != tokenizer.get_vocab():
@@ -402,6 +383,128 @@ def load_teacher(cfg: FinetuneConfig, draft_manifest: dict[str, Any], draft, tok
                          f"KD needs the target the draft was cut from")
     teacher.requires_grad_(False)
     return name, teacher.eval()
+
+
+def open_kd_cache(cfg: FinetuneConfig, draft_manifest: dict[str, Any], tokenizer,
+                  stop_ids: set[int], pad_id: int, examples: list[Example],
+                  data_hash: str) -> logit_cache.LogitCache:
+    """The --kd-cache, checked against everything this run's KD targets depend on."""
+    name = teacher_name(cfg, draft_manifest)
+    fix = logit_cache.command(logit_cache.LogitCacheConfig(
+        **{**vars(Selection.of(cfg)), "target": name or "<the draft's target>",
+           "top_k": cfg.kd_top_k or 32, "temperature": cfg.kd_temperature,
+           "out": cfg.kd_cache}))
+    expected = logit_cache.settings(
+        Selection.of(cfg), data_hash, logit_cache.tokenizer_identity(tokenizer, stop_ids, pad_id),
+        examples, cfg.kd_top_k or 0, cfg.kd_temperature)
+    expected.pop("format")
+    if cfg.kd_top_k is None:
+        expected.pop("top_k")  # use the cache's
+    if cfg.target:
+        expected["target_weights"] = logit_cache.target_identity(resolve_model(cfg.target))
+    elif draft_manifest.get("target_weights"):
+        expected["target_weights"] = draft_manifest["target_weights"]
+    elif name:
+        expected["target"] = name
+    return logit_cache.open_cache(cfg.kd_cache, expected, fix)
+
+
+def frozen_layers(cfg: FinetuneConfig, draft_path: Path, draft_manifest: dict[str, Any]
+                  ) -> list[int]:
+    """The draft's layers below its cut (draft numbering = target numbering there), found in
+    the `removed_layers` of its specdec.json or its parents'."""
+    if not cfg.freeze_below_cut:
+        return []
+    manifest, seen = draft_manifest, 0
+    while "removed_layers" not in manifest and manifest.get("parent") and seen < 8:
+        manifest, seen = read_manifest(manifest["parent"]), seen + 1
+    removed = manifest.get("removed_layers")
+    if not removed:
+        raise ValueError(f"--freeze-below-cut needs the layers the draft lost, and neither "
+                         f"{draft_path / MANIFEST} nor its parents' name removed_layers (a "
+                         f"draft made by specdec.prune does); drop --freeze-below-cut")
+    return list(range(min(removed)))
+
+
+def trainable_model(cfg: FinetuneConfig, model, frozen: list[int]):
+    """(model to train, its trainable parameters by name): LoRA wrapping, then freezing."""
+    if cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.lora_targets), bias="none", task_type="CAUSAL_LM"))
+    base = model.get_base_model() if cfg.method == "lora" else model
+    for i in frozen:
+        base.get_decoder().layers[i].requires_grad_(False)
+    if cfg.freeze_embeddings:
+        base.get_input_embeddings().requires_grad_(False)
+    model.train()
+    return model, {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ---------------------------------------------------------------------------- loop
+
+
+def train(cfg: FinetuneConfig, model, teacher, examples: list[Example], state: TrainState,
+          total_steps: int, pad_id: int, device: torch.device, save: Callable[[], None],
+          console: Console, on_step: Callable[[int, dict[str, Any]], None] | None = None
+          ) -> int:
+    """Run optimizer steps state.step .. total_steps; returns the tokens seen this run."""
+    rank, world_size = world()
+    lengths = [len(e.input_ids) for e in examples]
+    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    params = list(state.trainable.values())
+    temperature = cfg.kd_temperature
+    tokens_seen, t_start = 0, time.perf_counter()
+    columns = [TextColumn("[bold]finetune"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    epoch_cache: dict[int, list[list[int]]] = {}
+    curve = state.curve
+    with Progress(*columns, console=console, disable=rank != 0) as progress:
+        task = progress.add_task("finetune", total=total_steps, completed=state.step,
+                                 loss=f"{curve[-1]['loss']:.4f}" if curve else "-", tps="-")
+        for step in range(state.step, total_steps):
+            epoch, index = divmod(step, steps_per_epoch)
+            if epoch not in epoch_cache:
+                epoch_cache = {epoch: epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch,
+                                                    cfg.group_by_length)}
+            batch = epoch_cache[epoch][index]
+            n_tokens = sum(examples[i].n_response for i in batch)  # global: every rank knows
+            shard = sorted(batch[rank::world_size], key=lambda i: -lengths[i])
+            sums = accumulate_gradients(model, teacher, examples, shard, n_tokens, cfg, pad_id,
+                                        device)
+            if world_size > 1:
+                sync_gradients(params, sums)
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            lr = state.scheduler.get_last_lr()[0]
+            state.optimizer.step()
+            state.scheduler.step()
+            state.optimizer.zero_grad(set_to_none=True)
+
+            tokens_seen += sum(lengths[i] for i in batch)
+            elapsed = time.perf_counter() - t_start
+            ce, kl, tv = (x / n_tokens for x in sums.tolist())
+            kd_on = teacher is not None
+            record = {"step": step + 1,
+                      "loss": ce + cfg.kd * temperature ** 2 * kl + cfg.kd_tv * tv,
+                      "ce": ce, "kd": kl if kd_on else None, "tv": tv if kd_on else None,
+                      "lr": lr, "response_tokens": n_tokens,
+                      "tokens_per_s": round(tokens_seen / elapsed, 2)}
+            curve.append(record)
+            state.step = step + 1
+            progress.update(task, advance=1, loss=f"{record['loss']:.4f}",
+                            tps=f"{record['tokens_per_s']:.0f}")
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
+                save()
+            if on_step is not None:
+                on_step(step + 1, record)
+    return tokens_seen
+
+
+# ---------------------------------------------------------------------------- run
 
 
 def run(cfg: FinetuneConfig, console: Console | None = None,
@@ -418,7 +521,25 @@ def run(cfg: FinetuneConfig, console: Console | None = None,
     data_hash = data_sha256(cfg.data)
     draft_hash = json.dumps(draft_manifest.get("weights_sha256")) \
         if draft_manifest.get("weights_sha256") else str(draft_path.resolve())
-    fp = fingerprint(cfg.recipe(), data_hash, draft_hash)
+
+    # data
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(draft_path, dtype=torch.float32, device=device)
+    stop_ids, pad_id = special_ids(model, tokenizer)
+    counts: Counter = Counter()
+    examples = build_examples(Selection.of(cfg), tokenizer, stop_ids, counts)
+    frozen = frozen_layers(cfg, draft_path, draft_manifest)
+
+    # teacher: the KD cache (checked before anything is trained or deleted) or the target
+    teacher, teacher_label, teacher_id = None, None, None
+    if cfg.kd_cache:
+        cache = open_kd_cache(cfg, draft_manifest, tokenizer, stop_ids, pad_id, examples,
+                              data_hash)
+        if cfg.kd_top_k is None:
+            cfg = dataclasses.replace(cfg, kd_top_k=cache.top_k)
+        teacher = logit_cache.CachedTeacher(cache, device)
+        teacher_label, teacher_id = f"cache {cfg.kd_cache}", f"cache:{cache.key}"
+    fp = fingerprint(cfg.recipe(), data_hash, draft_hash, teacher_id)
 
     if (out / MANIFEST).is_file():
         done = read_manifest(out)
@@ -431,137 +552,68 @@ def run(cfg: FinetuneConfig, console: Console | None = None,
         raise ValueError(f"{out} already holds a checkpoint made with another recipe or data; "
                          f"choose another --out, or delete it to replace it")
 
-    torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(draft_path, dtype=torch.float32, device=device)
-    stop_ids = {t for t in (tokenizer.eos_token_id,) if t is not None}
-    gen_eos = model.generation_config.eos_token_id
-    stop_ids.update([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
+    if cfg.uses_kd and teacher is None:
+        teacher_label, target_model = load_teacher(cfg, draft_manifest, model, tokenizer,
+                                                   device)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+        teacher = OnlineTeacher(target_model, cfg.kd_top_k, cfg.kd_temperature, autocast)
 
-    counts: Counter = Counter()
-    examples = build_examples(cfg, tokenizer, stop_ids, counts)
-    lengths = [len(e.input_ids) for e in examples]
+    # model and optimizer
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-
-    teacher_name, teacher = None, None
-    if cfg.kd > 0:
-        teacher_name, teacher = load_teacher(cfg, draft_manifest, model, tokenizer, device)
-
-    if cfg.method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(
-            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            target_modules=list(cfg.lora_targets), bias="none", task_type="CAUSAL_LM"))
-    model.train()
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    model, trainable = trainable_model(cfg, model, frozen)
     optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     warmup = round(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.min_lr_ratio))
+    state = TrainState(trainable, optimizer, scheduler)
 
-    start_step, curve = 0, []
-    if (ckpt / "state.pt").is_file():
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-        if state["fingerprint"] != fp:
-            raise ValueError(f"{ckpt} was made with another recipe or data; rerun with the same "
-                             f"arguments to resume, or delete it to start over")
-        with torch.no_grad():
-            for name, p in trainable.items():
-                p.copy_(state["trainable"][name])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step, curve = state["step"], state["curve"]
-        if len(state["rng"]) == world_size:
-            set_rng_state(state["rng"][rank])
-        elif rank == 0:
-            console.print("[yellow]note:[/yellow] resuming with another number of processes; "
-                          "dropout masks will differ from an uninterrupted run")
+    # checkpointing and the loop
+    if resume(state, ckpt, fp, console):
         if rank == 0:
-            console.print(f"finetune: resuming {out} from step {start_step} of {total_steps}")
+            console.print(f"finetune: resuming {out} from step {state.step} of {total_steps}")
     else:
         torch.manual_seed(cfg.seed + rank)
-
-    temperature = cfg.kd_temperature
-    tokens_seen, t_start = 0, time.perf_counter()
-    columns = [TextColumn("[bold]finetune"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-               TimeElapsedColumn(), TimeRemainingColumn()]
-    epoch_cache: dict[int, list[list[int]]] = {}
-    with Progress(*columns, console=console, disable=rank != 0) as progress:
-        task = progress.add_task("finetune", total=total_steps, completed=start_step,
-                                 loss=f"{curve[-1]['loss']:.4f}" if curve else "-", tps="-")
-        for step in range(start_step, total_steps):
-            epoch, index = divmod(step, steps_per_epoch)
-            if epoch not in epoch_cache:
-                epoch_cache = {epoch: epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch,
-                                                    cfg.group_by_length)}
-            batch = epoch_cache[epoch][index]
-            n_tokens = sum(examples[i].n_response for i in batch)  # global: every rank knows
-            shard = sorted(batch[rank::world_size], key=lambda i: -lengths[i])
-            sums = accumulate_gradients(model, teacher, [examples[i] for i in shard], n_tokens,
-                                        cfg, pad_id, device)
-            if world_size > 1:
-                sync_gradients(trainable.values(), sums)
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(trainable.values(), cfg.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            tokens_seen += sum(lengths[i] for i in batch)
-            elapsed = time.perf_counter() - t_start
-            ce_mean, kl_mean = sums[0].item() / n_tokens, sums[1].item() / n_tokens
-            record = {"step": step + 1, "loss": ce_mean + cfg.kd * temperature ** 2 * kl_mean,
-                      "ce": ce_mean, "kd": kl_mean if teacher is not None else None,
-                      "lr": lr, "response_tokens": n_tokens,
-                      "tokens_per_s": round(tokens_seen / elapsed, 2)}
-            curve.append(record)
-            progress.update(task, advance=1, loss=f"{record['loss']:.4f}",
-                            tps=f"{record['tokens_per_s']:.0f}")
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-                rngs = [None] * world_size
-                if world_size > 1:
-                    dist.all_gather_object(rngs, rng_state())
-                else:
-                    rngs = [rng_state()]
-                if rank == 0:
-                    save_training_state(ckpt, {
-                        "fingerprint": fp, "step": step + 1, "curve": curve, "rng": rngs,
-                        "trainable": {n: p.detach().cpu() for n, p in trainable.items()},
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict()})
-            if on_step is not None:
-                on_step(step + 1, record)
-
+    start_step = state.step
+    t_start = time.perf_counter()
+    tokens_seen = train(cfg, model, teacher, examples, state, total_steps, pad_id, device,
+                        lambda: checkpoint(state, ckpt, fp), console, on_step)
     train_seconds = time.perf_counter() - t_start
+
+    # output
+    curve = state.curve
     manifest = {
         "stage": "finetune", "parent": str(draft_path),
         "parent_stage": draft_manifest.get("stage"),
         "target": draft_manifest.get("target"), "fingerprint": fp,
         "data": cfg.data, "data_sha256": data_hash, "examples": len(examples),
         "skipped": dict(sorted(counts.items())), "recipe": cfg.recipe(),
-        "kd_teacher": teacher_name, "world_size": world_size, "steps": total_steps,
-        "resumed_from_step": start_step,
+        "kd_teacher": teacher_label, "frozen_layers": frozen,
+        "trainable_parameters": sum(p.numel() for p in trainable.values()),
+        "world_size": world_size, "steps": total_steps, "resumed_from_step": start_step,
         "train_seconds_this_run": round(train_seconds, 2),
         "tokens_per_s_this_run": round(tokens_seen / train_seconds, 2) if tokens_seen else None,
         "final_loss": curve[-1]["loss"] if curve else None,
         "loss_curve": curve,
     }
     if rank == 0:
-        final = model.merge_and_unload() if cfg.method == "lora" else model
-        final.eval()
-        save_checkpoint(final, tokenizer, out, manifest)
-        write_json_atomic(out / "loss_curve.json", curve)
-        plot_curve(curve, out / "loss_curve.png", f"{out.name}: {cfg.method}, data "
-                   f"{Path(cfg.data).name}" + (f", kd {cfg.kd}" if cfg.kd else ""))
+        write_output(cfg, model, tokenizer, out, manifest, curve)
         shutil.rmtree(ckpt, ignore_errors=True)
     if world_size > 1:
         dist.barrier()
     return FinetuneResult(out, manifest, curve, start_step)
+
+
+def write_output(cfg: FinetuneConfig, model, tokenizer, out: Path, manifest: dict[str, Any],
+                 curve: list[dict[str, Any]]) -> None:
+    final = model.merge_and_unload() if cfg.method == "lora" else model
+    final.eval()
+    save_checkpoint(final, tokenizer, out, manifest)
+    write_json_atomic(out / "loss_curve.json", curve)
+    kd = [f"kd {cfg.kd}" if cfg.kd else "", f"tv {cfg.kd_tv}" if cfg.kd_tv else ""]
+    plot_curve(curve, out / "loss_curve.png", f"{out.name}: {cfg.method}, data "
+               f"{Path(cfg.data).name}" + "".join(f", {k}" for k in kd if k))
 
 
 # ---------------------------------------------------------------------------- CLI

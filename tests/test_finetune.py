@@ -10,8 +10,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from specdec import finetune
-from specdec.finetune import (FinetuneConfig, build_example, collate, epoch_batches, kd_kl,
-                              lr_factor)
+from specdec.finetune import FinetuneConfig, lr_factor
+from specdec.kd import kd_kl
+from specdec.train_data import build_example, collate, epoch_batches
 from specdec.models import read_manifest
 from conftest import save_tiny_chat_model, tiny_chat_tokenizer, write_chat_data
 
