@@ -290,14 +290,19 @@ def summarize(stats: PositionStats, data: TeacherForcedData, temperature: float,
 def compare(target, draft, sequences: Sequence[Sequence[int]],
             prompt_lens: Sequence[int] | None = None, *, temperature: float = 1.0,
             ks: Sequence[int] = DEFAULT_KS, batch_size: int = 8, pad_id: int = 0,
-            chunk: int = 256, progress: bool = True) -> AcceptanceReport:
-    """Teacher-forced acceptance of `draft` against `target` (HF causal LMs, same vocabulary)."""
+            chunk: int = 256, progress: bool = True, draft_vocab=None) -> AcceptanceReport:
+    """Teacher-forced acceptance of `draft` against `target` (HF causal LMs, same vocabulary).
+
+    draft_vocab: a `specdec.vocab.DraftVocab`; the draft is scored as the engine runs it with
+    that trimmed vocabulary (logits over the subset, draft_probs = 0 elsewhere)."""
     data = make_batches(sequences, prompt_lens, batch_size, pad_id)
     with Progress(disable=not progress, transient=True) as bar:
         target_hidden = scored_hidden(model_hidden_fn(target), data, bar, "target forward")
         draft_hidden = scored_hidden(model_hidden_fn(draft), data, bar, "draft forward")
+    draft_head = (draft.get_output_embeddings() if draft_vocab is None
+                  else draft_vocab.masked_head(draft))
     stats = position_stats(target_hidden, target.get_output_embeddings(), draft_hidden,
-                           draft.get_output_embeddings(), temperature, chunk)
+                           draft_head, temperature, chunk)
     return summarize(stats, data, temperature, ks)
 
 

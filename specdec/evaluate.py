@@ -159,11 +159,15 @@ def per_position_acceptance(agree: Sequence[bool], k: int) -> tuple[list[int], i
 
 def score_drafts(target, drafts: dict[str, Any], answers: Sequence[Answer], batch_size: int = 8,
                  temperature: float = 1.0, ks: Sequence[int] = REPORT_KS,
-                 pad_id: int = 0, console: Console | None = None) -> list[DraftQuality]:
+                 pad_id: int = 0, console: Console | None = None,
+                 vocabs: dict[str, Any] | None = None) -> list[DraftQuality]:
     """Teacher-forced quality of each draft (label -> model) on the target's answers.
 
-    The target's forward runs once; each draft's once.
+    The target's forward runs once; each draft's once (labels holding the same model object
+    share its forward). vocabs: label -> `specdec.vocab.DraftVocab` for drafts scored with a
+    trimmed vocabulary, exactly as the engine drafts with it.
     """
+    vocabs = vocabs or {}
     data = acceptance.make_batches([a.ids for a in answers], [a.prompt_len for a in answers],
                                    batch_size, pad_id)
     rows = [i for b in data.batches for i in b.order]  # data order -> answer index
@@ -171,11 +175,16 @@ def score_drafts(target, drafts: dict[str, Any], answers: Sequence[Answer], batc
         target_hidden = acceptance.scored_hidden(acceptance.model_hidden_fn(target), data, bar,
                                                  "target forward")
         out = []
+        hidden_of: dict[int, torch.Tensor] = {}
         for label, draft in drafts.items():
-            hidden = acceptance.scored_hidden(acceptance.model_hidden_fn(draft), data, bar,
-                                              f"{label} forward")
+            if id(draft) not in hidden_of:
+                hidden_of[id(draft)] = acceptance.scored_hidden(
+                    acceptance.model_hidden_fn(draft), data, bar, f"{label} forward")
+            hidden = hidden_of[id(draft)]
+            vocab = vocabs.get(label)
+            head = draft.get_output_embeddings() if vocab is None else vocab.masked_head(draft)
             stats = acceptance.position_stats(target_hidden, target.get_output_embeddings(),
-                                              hidden, draft.get_output_embeddings(), temperature)
+                                              hidden, head, temperature)
             report = acceptance.summarize(stats, data, temperature, ks)
             per_answer, offset = {}, 0
             for i in rows:
@@ -231,6 +240,8 @@ class EvaluateConfig:
     max_new_tokens: int = 96
     batch_size: int = 8
     temperature: float = 1.0
+    # auto: each draft with the trimmed vocabulary its specdec.json names (if any); full: never
+    draft_vocab: str = "auto"
     out: str | None = None  # JSON
 
 
@@ -255,10 +266,19 @@ def run(cfg: EvaluateConfig, console: Console | None = None) -> list[DraftQualit
     target, tokenizer = load_model(cfg.target)
     answers = cached_target_answers(cfg.target, cfg.prompts, cfg.n, cfg.turns,
                                     cfg.max_new_tokens, cfg.batch_size, console, target, tokenizer)
+    if cfg.draft_vocab not in ("auto", "full"):
+        raise ValueError(f"--draft-vocab must be auto or full, got {cfg.draft_vocab!r}")
     models = {label: load_model(path)[0] for label, path in paths.items()}
+    vocabs = {}
+    if cfg.draft_vocab == "auto":
+        from specdec.vocab import load_draft_vocab
+
+        vocab_size = target.get_output_embeddings().weight.shape[0]
+        vocabs = {label: v for label, path in paths.items()
+                  if (v := load_draft_vocab(path, vocab_size)) is not None}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     results = score_drafts(target, models, answers, cfg.batch_size, cfg.temperature,
-                           pad_id=pad, console=console)
+                           pad_id=pad, console=console, vocabs=vocabs)
     for q in results:
         q.path = str(paths[q.label])
     console.print(quality_table(results, f"teacher-forced vs {cfg.target} on {cfg.prompts} "

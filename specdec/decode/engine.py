@@ -266,6 +266,13 @@ class SpeculativeEngine:
     lean: run Llama models (sdpa attention) through `forward.LeanLlamaForward`, the same
         modules and kernels as ``model(...)`` without Hugging Face's per-call overhead (bitwise
         the same logits); False always calls ``model(...)``. Other models always do.
+    draft_vocab: a `specdec.vocab.DraftVocab`: the draft computes logits only over those ids
+        (a sub-head of its LM head's rows, built once here) and never drafts another token.
+        Lossless all the same: outside the subset draft_probs = 0, and verification (greedy
+        argmax, or the residual max(0, target_probs - draft_probs) of a rejection) covers the
+        whole vocabulary. The draft may also run in another dtype than the target (e.g. a bf16
+        draft beside an fp32 target): only its tokens (and, sampling, its logits, compared in
+        fp32) reach the verification.
     """
 
     def __init__(
@@ -278,6 +285,7 @@ class SpeculativeEngine:
         tokenizer=None,
         compact_threshold: int = 32,
         lean: bool = True,
+        draft_vocab=None,
     ):
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 64:
             raise ValueError(f"k must be an int in 1..64 (draft tokens per step), got {k!r}")
@@ -305,6 +313,19 @@ class SpeculativeEngine:
                     f"the draft's vocabulary ({_vocab_size(draft)}) differs from the target's "
                     f"({self.vocab_size}); a draft must share the target's tokenizer"
                 )
+        self.draft_vocab = draft_vocab
+        self._draft_head = self._draft_ids = None
+        if draft_vocab is not None:
+            if draft is None:
+                raise ValueError("draft_vocab needs a draft model (it trims the draft's head)")
+            if draft_vocab.vocab_size != self.vocab_size:
+                raise ValueError(
+                    f"the draft vocabulary was made for {draft_vocab.vocab_size} tokens but the "
+                    f"target has {self.vocab_size}; rebuild it for this target (python -m "
+                    "specdec.vocab build --draft DIR --data DISTILLED.jsonl)"
+                )
+            self._draft_head = draft_vocab.sub_head(draft)  # [n, d] rows of the draft's head
+            self._draft_ids = draft_vocab.ids.to(self.device)  # [n] sub-head row -> token id
         self.eos_token_ids = _resolve_eos(target, eos_token_ids)
         self._buffers: dict[str, torch.Tensor] = {}
         self._cancelled: set[int] = set()  # request indices `cancel` asked to abort
@@ -378,7 +399,7 @@ class SpeculativeEngine:
         capacity = (max(len(p) for p in prompts) + max(sp.max_tokens for sp in params)
                     + 2 * (k_max + 1) + (self.compact_threshold if batch > 1 else 0))
         tkv = BatchKV(self.target, batch, device, capacity, lean=self.lean)
-        dkv = (BatchKV(self.draft, batch, device, capacity, lean=self.lean)
+        dkv = (BatchKV(self.draft, batch, device, capacity, lean=self.lean, head=self._draft_head)
                if self.draft is not None else None)
         self._prefill(prompts, tkv, dkv)
         last = [p[-1] for p in prompts]
@@ -490,8 +511,17 @@ class SpeculativeEngine:
         temperature = st.temperature if sampled else 0.0
         draft_tokens = self._buffer("draft_tokens", (batch, k), torch.int64)
         draft_logits = None
+        ids = self._draft_ids
         for j in range(k):
-            logits = dkv.forward(inp, inp_valid, n_valid, logits_to_keep=1)[:, -1]  # [batch, vocab]
+            logits = dkv.forward(inp, inp_valid, n_valid, logits_to_keep=1)[:, -1]  # [batch, vocab or n]
+            if ids is not None:  # a trimmed head: logits over the subset only
+                if not sampled:
+                    token = ids[logits.argmax(dim=-1)]
+                    draft_tokens[:, j] = token
+                    inp, inp_valid, n_valid = token[:, None], None, None
+                    continue
+                full = self._buffer("draft_full_logits", (batch, self.vocab_size), logits.dtype)
+                logits = full.fill_(float("-inf")).index_copy_(1, ids, logits)  # draft_probs 0 outside
             if sampled and st.needs_filter:
                 logits = apply_top_k_top_p(logits, st.temperature, st.top_k, st.top_p)
             if sampled:

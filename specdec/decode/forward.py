@@ -33,8 +33,17 @@ import torch.nn.functional as F
 Forward = Callable[..., torch.Tensor]
 
 
-def hf_forward(model) -> Forward:
+def hf_forward(model, head=None) -> Forward:
+    """``model(...)``; with `head` (e.g. a trimmed draft head), the decoder's final hidden
+    states through `head` instead of the model's own LM head."""
+    decoder = model.get_decoder() if head is not None else None
+
     def forward(input_ids, attention_mask, position_ids, cache, logits_to_keep: int = 0):
+        if head is not None:
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids, past_key_values=cache,
+                             use_cache=True).last_hidden_state
+            return head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -78,11 +87,12 @@ class LeanLlamaForward:
     """``model(...)`` for a Llama decoder with a slab cache, minus Hugging Face's per-call
     overhead (see the module docstring). Same modules, same kernels, same logits."""
 
-    def __init__(self, model):
+    def __init__(self, model, head=None):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         self.model = model
         self.decoder = model.get_decoder()
+        self.head = head if head is not None else model.lm_head  # a trimmed draft head or the LM head
         self.apply_rotary_pos_emb = apply_rotary_pos_emb
         config = model.config
         self.num_layers = config.num_hidden_layers
@@ -128,7 +138,7 @@ class LeanLlamaForward:
         hidden = decoder.norm(hidden)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return self.model.lm_head(hidden)
+        return self.head(hidden)
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -137,8 +147,9 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
 
 
-def model_forward(model, lean: bool = True) -> Forward:
-    """The fastest forward that computes exactly what ``model(...)`` computes."""
+def model_forward(model, lean: bool = True, head=None) -> Forward:
+    """The fastest forward that computes exactly what ``model(...)`` computes (with `head`: the
+    final hidden states through `head`, e.g. a trimmed draft vocabulary's sub-head)."""
     if lean and lean_supported(model) is None:
-        return LeanLlamaForward(model)
-    return hf_forward(model)
+        return LeanLlamaForward(model, head)
+    return hf_forward(model, head)

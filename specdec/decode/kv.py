@@ -178,7 +178,7 @@ def make_cache(model, capacity: int = 0) -> DynamicCache:
 
 class BatchKV:
     def __init__(self, model, batch: int, device: torch.device, capacity: int = 0,
-                 lean: bool = True):
+                 lean: bool = True, head=None):
         self.model = model
         self.cache = make_cache(model, capacity)
         self.device = device
@@ -197,8 +197,9 @@ class BatchKV:
         layers = self.cache.layers
         slab = bool(layers) and all(isinstance(layer, SlabLayer) for layer in layers)
         # the lean forward takes 4D boolean masks (sdpa's); it is used only where they are built
+        # head: a module replacing the model's LM head (a trimmed draft vocabulary's sub-head)
         self._forward = model_forward(model, lean=lean and slab and self.mask_4d
-                                      and not self.additive_mask)
+                                      and not self.additive_mask, head=head)
 
     @property
     def width(self) -> int:
