@@ -390,10 +390,11 @@ def open_kd_cache(cfg: FinetuneConfig, draft_manifest: dict[str, Any], tokenizer
                   data_hash: str) -> logit_cache.LogitCache:
     """The --kd-cache, checked against everything this run's KD targets depend on."""
     name = teacher_name(cfg, draft_manifest)
+    old = logit_cache.peek(cfg.kd_cache)  # what it was made with, where readable
     fix = logit_cache.command(logit_cache.LogitCacheConfig(
-        **{**vars(Selection.of(cfg)), "target": name or "<the draft's target>",
-           "top_k": cfg.kd_top_k or 32, "temperature": cfg.kd_temperature,
-           "out": cfg.kd_cache}))
+        **{**vars(Selection.of(cfg)), "target": name or old.get("target") or "<the target>",
+           "top_k": cfg.kd_top_k or old.get("top_k") or 32,
+           "temperature": cfg.kd_temperature, "out": cfg.kd_cache}))
     expected = logit_cache.settings(
         Selection.of(cfg), data_hash, logit_cache.tokenizer_identity(tokenizer, stop_ids, pad_id),
         examples, cfg.kd_top_k or 0, cfg.kd_temperature)

@@ -304,6 +304,18 @@ class LogitCache:
                     torch.cat([p.residual for p in parts]))
 
 
+def peek(path: str | Path) -> dict[str, Any]:
+    """The manifest (else the plan) of a cache dir as far as it can be read; {} if neither."""
+    for name in (MANIFEST, PLAN):
+        try:
+            found = json.loads((Path(path) / name).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(found, dict):
+            return found
+    return {}
+
+
 def open_cache(path: str | Path, expected: dict[str, Any], fix: str) -> LogitCache:
     """Read and check a cache against `expected` (`settings(...)` of the run that will use it,
     plus optional 'target_weights' / 'target'). Every refusal names the file and says `fix`
