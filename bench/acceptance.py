@@ -20,6 +20,10 @@ one JSON line.
 
     python bench/acceptance.py --draft pruned=runs/demo/pruned --draft sd=runs/demo/sd \
         --n 80 --turns 2 --latency-n 8 --out runs/demo/bench
+
+A draft whose specdec.json records a trimmed draft vocabulary (`specdec.vocab`) is scored and
+run with it everywhere here (teacher-forced, engine, latency; ``--draft-vocab full`` turns that
+off); ``--k 0`` (the default) takes each draft's recommended k (`specdec.recommend`), else 4.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from specdec.decode.sampling import SamplingParams
 from specdec.evaluate import (REPORT_KS, Answer, DraftQuality, cached_target_answers,
                               parse_drafts, quality_table, score_drafts)
 from specdec.models import DEFAULT_TARGET, load_model, resolve_model, write_json_atomic
+from specdec.recommend import recommended_k
 
 ROOT = Path(__file__).resolve().parents[1]
 NEAR_TIE = 1e-3  # fp32 top-2 logit margin under which batched and one-by-one argmax may differ
@@ -59,7 +64,8 @@ class BenchConfig:
     turns: int = 2
     max_new_tokens: int = 96
     batch_size: int = 8
-    k: int = 4  # draft length for the engine / HF / vLLM runs
+    k: int = 0  # draft length for the engine / HF / vLLM runs; 0 = each draft's recommended, else 4
+    draft_vocab: str = "auto"  # auto: each draft's trimmed vocabulary if it has one | full
     latency_n: int = 6  # prompts in the engine / latency subset (0 skips)
     latency_tokens: int = 64
     repeats: int = 3
@@ -71,7 +77,7 @@ class BenchConfig:
 # ---------------------------------------------------------------------------- engine check
 
 
-def engine_check(target, draft, answers: list[Answer], k: int) -> dict[str, Any]:
+def engine_check(target, draft, answers: list[Answer], k: int, draft_vocab=None) -> dict[str, Any]:
     """Greedy engine runs on the subset vs the teacher-forced prediction for the same text.
 
     The prediction: run the draft teacher-forced over the text the engine committed, mark where
@@ -79,7 +85,7 @@ def engine_check(target, draft, answers: list[Answer], k: int) -> dict[str, Any]
     It must give the engine's step count exactly, except where a full-sequence forward and the
     engine's cached forwards round a near-tie (top-2 logit margin < 1e-3) differently.
     """
-    engine = SpeculativeEngine(target, draft, k=k)
+    engine = SpeculativeEngine(target, draft, k=k, draft_vocab=draft_vocab)
     steps_engine = steps_predicted = differ = near_ties = 0
     accepted = drafted = 0
     for a in answers:
@@ -89,7 +95,7 @@ def engine_check(target, draft, answers: list[Answer], k: int) -> dict[str, Any]
         steps_engine += res.steps
         accepted += res.accepted
         drafted += res.drafted
-        agree, margins = _teacher_forced_agree(draft, target, prompt, res.token_ids)
+        agree, margins = _teacher_forced_agree(draft, target, prompt, res.token_ids, draft_vocab)
         steps_predicted += greedy_accepted_length(agree, k)[1]
         near_ties += sum(m < NEAR_TIE for m in margins)
         differ += int(res.token_ids != answer)
@@ -100,19 +106,25 @@ def engine_check(target, draft, answers: list[Answer], k: int) -> dict[str, Any]
 
 
 @torch.inference_mode()
-def _teacher_forced_agree(draft, target, prompt: list[int], answer: list[int]
+def _teacher_forced_agree(draft, target, prompt: list[int], answer: list[int], draft_vocab=None
                           ) -> tuple[list[bool], list[float]]:
-    """Per answer position: does the draft's argmax equal the committed token; target margins."""
+    """Per answer position: does the draft's argmax (over its trimmed vocabulary, if any) equal
+    the committed token; target margins."""
     ids = torch.tensor([prompt + answer])
     start = len(prompt) - 1
-    d = draft(ids).logits[0, start:-1].float()
+    if draft_vocab is None:
+        d = draft(ids).logits[0, start:-1].float()
+    else:
+        hidden = draft.get_decoder()(input_ids=ids).last_hidden_state[0, start:-1]
+        d = draft_vocab.masked_head(draft)(hidden).float()
     t = target(ids).logits[0, start:-1].float()
     top2 = t.topk(2, dim=-1).values
     return (d.argmax(-1) == ids[0, start + 1:]).tolist(), (top2[:, 0] - top2[:, 1]).tolist()
 
 
-def sampled_acceptance(target, draft, answers: list[Answer], k: int, seed: int = 0) -> dict:
-    engine = SpeculativeEngine(target, draft, k=k)
+def sampled_acceptance(target, draft, answers: list[Answer], k: int, seed: int = 0,
+                       draft_vocab=None) -> dict:
+    engine = SpeculativeEngine(target, draft, k=k, draft_vocab=draft_vocab)
     prompts = [a.ids[:a.prompt_len] for a in answers]
     results = engine.generate(prompts, [SamplingParams(temperature=1.0, max_tokens=len(a.ids) -
                                                        a.prompt_len, seed=seed + i)
@@ -135,14 +147,20 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def latency(target, drafts: dict[str, Any], prompts: list[list[int]], tokens: int, k: int,
-            repeats: int, hf: bool, console: Console) -> list[dict[str, Any]]:
-    """ms/token at batch 1, greedy, for the target alone and every draft, ours and HF's."""
+def latency(target, drafts: dict[str, Any], prompts: list[list[int]], tokens: int,
+            k: int | dict[str, int], repeats: int, hf: bool, console: Console,
+            vocabs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """ms/token at batch 1, greedy, for the target alone and every draft, ours and HF's.
+    k: one draft length, or one per draft label; vocabs: label -> trimmed draft vocabulary
+    (our engine only: Hugging Face drafts over the full vocabulary)."""
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    ks = k if isinstance(k, dict) else {label: k for label in drafts}
+    vocabs = vocabs or {}
     rows = []
+    k = 1
 
-    def ours(draft):
-        engine = SpeculativeEngine(target, draft, k=k)
+    def ours(draft, label=None):
+        engine = SpeculativeEngine(target, draft, k=k, draft_vocab=vocabs.get(label))
         out = {}
 
         def go():
@@ -153,7 +171,7 @@ def latency(target, drafts: dict[str, Any], prompts: list[list[int]], tokens: in
         drafted = sum(r.drafted for r in res)
         return seconds, n, (sum(r.accepted for r in res) / drafted if drafted else None)
 
-    def hf_generate(draft):
+    def hf_generate(draft, label=None):
         from transformers.generation import candidate_generator as cg
 
         matches: list[int] = []
@@ -186,9 +204,10 @@ def latency(target, drafts: dict[str, Any], prompts: list[list[int]], tokens: in
 
     engines = [("specdec", ours)] + ([("hf", hf_generate)] if hf else [])
     for label, draft in [("target alone", None), *drafts.items()]:
+        k = ks.get(label, 1)
         for engine_name, fn in engines:
             console.print(f"latency: {engine_name} / {label}")
-            seconds, n, acc = fn(draft)
+            seconds, n, acc = fn(draft, label)
             rows.append({"engine": engine_name, "draft": label, "k": k if draft else 0,
                          "ms_per_token": 1000 * seconds / n, "tokens_per_s": n / seconds,
                          "acceptance_rate": acc})
@@ -218,7 +237,7 @@ def vllm_rows(cfg: BenchConfig, drafts: dict[str, str], console: Console) -> lis
                "--prompts", cfg.prompts, "-n", str(max(cfg.latency_n, 1)),
                "--max-tokens", str(cfg.latency_tokens), "--json", str(out)]
         if draft is not None:
-            cmd += ["--draft", draft, "--k", str(cfg.k)]
+            cmd += ["--draft", draft, "--k", str(cfg.k or recommended_k(draft))]
         console.print(f"vLLM: {label}")
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
@@ -229,7 +248,8 @@ def vllm_rows(cfg: BenchConfig, drafts: dict[str, str], console: Console) -> lis
         spec = result.get("spec_decode") or {}
         seconds, tokens = result["seconds"]["generate"], result["output_tokens"]
         rows.append({"engine": f"vllm (batch {max(cfg.latency_n, 1)})", "draft": label,
-                     "k": cfg.k if draft else 0, "ms_per_token": 1000 * seconds / tokens,
+                     "k": (cfg.k or recommended_k(draft)) if draft else 0,
+                     "ms_per_token": 1000 * seconds / tokens,
                      "tokens_per_s": tokens / seconds,
                      "acceptance_rate": (spec["num_accepted_tokens"] / spec["num_draft_tokens"]
                                          if spec.get("num_draft_tokens") else None)})
@@ -315,7 +335,7 @@ def markdown(cfg: BenchConfig, result: dict[str, Any]) -> str:
         lines.append(f"| {q['draft']} | {q['layers']} | {q['top1_agreement']:.3f} | "
                      f"{q['alpha']:.3f} | " + " | ".join(f"{q['mal'][str(k)]:.2f}"
                                                          for k in (1, 2, 4, 8)) + " |")
-    lines += ["", f"## FLOPs (k={cfg.k})", "",
+    lines += ["", f"## FLOPs (k={cfg.k or 4})", "",
               "| draft | draft FLOPs vs target | FLOPs / committed token vs target alone |",
               "|---|---|---|"]
     for f in result["flops"]:
@@ -355,25 +375,31 @@ def run(cfg: BenchConfig, console: Console | None = None) -> dict[str, Any]:
     answers = cached_target_answers(cfg.target, cfg.prompts, cfg.n, cfg.turns,
                                     cfg.max_new_tokens, cfg.batch_size, console, target, tokenizer)
     models = {label: load_model(p)[0] for label, p in paths.items()}
+    vocabs = draft_vocabs(cfg, paths, target)
+    ks = {label: cfg.k or recommended_k(p) for label, p in paths.items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    quality = score_drafts(target, models, answers, cfg.batch_size, 1.0, REPORT_KS, pad, console)
+    quality = score_drafts(target, models, answers, cfg.batch_size, 1.0, REPORT_KS, pad, console,
+                           vocabs=vocabs)
     console.print(quality_table(quality, f"quality vs {cfg.target} ({len(answers)} answers)"))
     context = int(statistics.median(len(a.ids) for a in answers))
-    fl = flops_rows(target.config, {k: m.config for k, m in models.items()}, quality, cfg.k,
-                    context)
+    fl = flops_rows(target.config, {k: m.config for k, m in models.items()}, quality,
+                    cfg.k or 4, context)
     result: dict[str, Any] = {
         "config": asdict(cfg), "answers": len(answers), "machine": _machine(),
         "quality": [q.row() for q in quality], "flops": fl, "engine_check": {}, "sampled": {},
+        "k": ks, "draft_vocab_n": {label: v.n for label, v in vocabs.items()},
     }
     subset = [a for a in answers if a.turn == 1][:cfg.latency_n]
     if subset:
         for label, m in models.items():
             console.print(f"engine check: {label}")
-            result["engine_check"][label] = engine_check(target, m, subset, cfg.k)
-            result["sampled"][label] = sampled_acceptance(target, m, subset, cfg.k)
+            result["engine_check"][label] = engine_check(target, m, subset, ks[label],
+                                                         vocabs.get(label))
+            result["sampled"][label] = sampled_acceptance(target, m, subset, ks[label],
+                                                          draft_vocab=vocabs.get(label))
         prompts = [a.ids[:a.prompt_len] for a in subset]
-        result["latency"] = latency(target, models, prompts, cfg.latency_tokens, cfg.k,
-                                    cfg.repeats, cfg.hf, console)
+        result["latency"] = latency(target, models, prompts, cfg.latency_tokens, ks,
+                                    cfg.repeats, cfg.hf, console, vocabs)
         result["vllm"] = vllm_rows(cfg, {k: str(v) for k, v in paths.items()}, console)
         console.print(latency_table(result["latency"] + (result["vllm"] or [])))
     result["plots"] = plots(quality, out)
@@ -381,6 +407,18 @@ def run(cfg: BenchConfig, console: Console | None = None) -> dict[str, Any]:
     (out / "report.md").write_text(markdown(cfg, result))
     console.print(f"report: {out / 'report.md'}")
     return result
+
+
+def draft_vocabs(cfg: BenchConfig, paths: dict[str, Path], target) -> dict[str, Any]:
+    """label -> the trimmed vocabulary each draft's specdec.json names (--draft-vocab auto)."""
+    from specdec.vocab import load_draft_vocab
+
+    if cfg.draft_vocab not in ("auto", "full"):
+        raise ValueError(f"--draft-vocab must be auto or full, got {cfg.draft_vocab!r}")
+    if cfg.draft_vocab == "full":
+        return {}
+    size = target.get_output_embeddings().weight.shape[0]
+    return {label: v for label, p in paths.items() if (v := load_draft_vocab(p, size)) is not None}
 
 
 def latency_table(rows: list[dict[str, Any]]) -> Table:

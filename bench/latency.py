@@ -3,6 +3,13 @@
     python bench/latency.py                                  # fp32, a pruned draft built here
     python bench/latency.py --threads 1 --prompts 4 --repeats 2 --new-tokens 64
     python bench/latency.py --draft runs/x/sd --dtype bf16 --ks 1,2,4
+    python bench/latency.py --draft runs/x/sd     # k, draft vocabulary and dtype from its specdec.json
+
+A draft dir's recorded settings (``recommended`` in its specdec.json, written by
+``bench/frontier.py --write-recommended``) are the defaults: its k (unless ``--ks``), its
+trimmed draft vocabulary (``draft_vocab.json``; ``--draft-vocab full`` turns it off) and its
+draft dtype (unless ``--draft-dtype``). The target's dtype is always ``--dtype``: a speedup is
+measured against our own target-only decode in the same dtype.
 
 On the target (SmolLM2 by default) and a draft (``--draft DIR``; by default the target minus a
 block of ``--drop`` layers, removed with `specdec.prune.remove_layers`, saved to a temp dir and
@@ -66,12 +73,14 @@ class LatencyConfig:
     drop: int = 6
     drop_start: int = -1  # first removed layer; -1 = the angular-distance pick (specdec.prune)
     calib_n: int = 16  # ShareGPT conversations for that pick
-    dtype: str = "fp32"
+    dtype: str = "fp32"  # the target's (and the baseline's)
+    draft_dtype: str = ""  # "" = the draft's recommended dtype, else --dtype
+    draft_vocab: str = "auto"  # auto (the draft's sidecar, if any) | full | path to a sidecar
     device: str = "cpu"
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     prompts: int = 3  # MT-Bench first turns
     new_tokens: int = 64
-    ks: str = "1,2,3,4,6,8"
+    ks: str = ""  # "" = the draft's recommended k, else 1,2,3,4,6,8
     repeats: int = 2
     hf: bool = True  # also time Hugging Face generate / assisted generation
     ablation: bool = False  # also time our engine with lean=False ("hf-fwd": HF's forward)
@@ -89,10 +98,28 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def resolve_defaults(cfg: LatencyConfig) -> LatencyConfig:
+    """Fill --ks and --draft-dtype from the draft's recommended settings (specdec.recommend)."""
+    from dataclasses import replace
+
+    from specdec.recommend import recommended
+
+    rec = recommended(cfg.draft)
+    ks = cfg.ks or (str(rec["k"]) if rec.get("k") else "1,2,3,4,6,8")
+    draft_dtype = cfg.draft_dtype or _short_dtype(rec.get("draft_dtype")) or cfg.dtype
+    return replace(cfg, ks=ks, draft_dtype=draft_dtype)
+
+
+def _short_dtype(name: str | None) -> str:
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(name or "", name or "")
+
+
 def validate(cfg: LatencyConfig) -> None:
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
-    _ints(cfg.ks)
+    for flag, value in (("--dtype", cfg.dtype), ("--draft-dtype", cfg.draft_dtype or cfg.dtype)):
+        if value not in DTYPES:
+            raise ValueError(f"{flag} must be one of {', '.join(DTYPES)}, got {value!r}")
+    if cfg.ks:  # "" = the draft's recommended k (resolve_defaults)
+        _ints(cfg.ks)
     for name in ("prompts", "new_tokens", "repeats", "cost_reps", "drop"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -107,13 +134,14 @@ def validate(cfg: LatencyConfig) -> None:
 
 
 def load_pair(cfg: LatencyConfig):
-    """(target, draft, tokenizer, draft description)."""
+    """(target, draft, tokenizer, draft description, draft vocabulary or None)."""
     from specdec.models import load_model
+    from specdec.vocab import resolve_draft_vocab
 
     dtype = DTYPES[cfg.dtype]
     target, tokenizer = load_model(cfg.target, dtype=dtype, device=cfg.device)
     if cfg.draft:
-        draft, _ = load_model(cfg.draft, dtype=dtype, device=cfg.device)
+        draft, _ = load_model(cfg.draft, dtype=DTYPES[cfg.draft_dtype], device=cfg.device)
         desc = {"source": cfg.draft, "layers": draft.config.num_hidden_layers}
     else:
         n = target.config.num_hidden_layers
@@ -124,7 +152,7 @@ def load_pair(cfg: LatencyConfig):
         if removed[-1] >= n or cfg.drop >= n:
             raise ValueError(f"--drop {cfg.drop} --drop-start {cfg.drop_start}: the block must lie "
                              f"in 0..{n - 1} for a {n}-layer target")
-        draft = build_draft(target, tokenizer, removed, dtype, cfg.device)
+        draft = build_draft(target, tokenizer, removed, DTYPES[cfg.draft_dtype], cfg.device)
         rule = "given" if angular is None else f"angular pick, d = {angular:.3f}"
         desc = {"source": f"{cfg.target} minus layers {removed[0]}-{removed[-1]} ({rule}; not "
                           "healed)",
@@ -133,7 +161,11 @@ def load_pair(cfg: LatencyConfig):
     if draft.get_output_embeddings().weight.shape != target.get_output_embeddings().weight.shape:
         raise ValueError("the draft's vocabulary differs from the target's; a draft must share "
                          "the target's tokenizer")
-    return target, draft, tokenizer, desc
+    vocab_size = target.get_output_embeddings().weight.shape[0]
+    vocab = resolve_draft_vocab(cfg.draft_vocab, cfg.draft or None, vocab_size)
+    desc["draft_vocab_n"] = vocab.n if vocab is not None else None
+    desc["dtype"] = cfg.draft_dtype
+    return target, draft, tokenizer, desc, vocab
 
 
 def build_draft(target, tokenizer, removed: list[int], dtype, device):
@@ -185,11 +217,12 @@ class Run:
 Method = Callable[[list[int], int], Run]  # (prompt, new tokens) -> Run
 
 
-def our_method(target, draft, k: int, lean: bool = True) -> Method:
+def our_method(target, draft, k: int, lean: bool = True, draft_vocab=None) -> Method:
     from specdec.decode.engine import SpeculativeEngine
     from specdec.decode.sampling import SamplingParams
 
-    engine = SpeculativeEngine(target, draft, k=max(k, 1), lean=lean)
+    engine = SpeculativeEngine(target, draft, k=max(k, 1), lean=lean,
+                               draft_vocab=draft_vocab if draft is not None else None)
 
     def run(prompt: list[int], new_tokens: int) -> Run:
         params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
@@ -230,18 +263,21 @@ def hf_method(target, draft, k: int, pad_token_id: int) -> Method:
 # ------------------------------------------------------------------------ measurement
 
 
-def measure_costs(target, draft, prompt: list[int], ks: list[int], reps: int) -> dict[str, Any]:
+def measure_costs(target, draft, prompt: list[int], ks: list[int], reps: int,
+                  draft_vocab=None) -> dict[str, Any]:
     """Seconds of one forward through our engine's path (`BatchKV`, batch 1) at the prompt's
     context: target and draft on 1 token, target on k + 1 tokens for every k. Each ratio is
     measured on its own pairs of forwards run back to back (target 1 token, then the other),
     as the median over pairs of the ratio within a pair, so a load change between pairs
-    cancels out and no forward's position in a round biases another."""
+    cancels out and no forward's position in a round biases another. With `draft_vocab` the
+    draft's forward ends in its trimmed head, as in the engine."""
     from specdec.decode.kv import BatchKV
 
     device = next(target.parameters()).device
     pairs = [("draft", 1)] + [("target", k + 1) for k in sorted(set(ks))]
     with torch.inference_mode():
-        kvs = {"target": BatchKV(target, 1, device), "draft": BatchKV(draft, 1, device)}
+        head = draft_vocab.sub_head(draft) if draft_vocab is not None else None
+        kvs = {"target": BatchKV(target, 1, device), "draft": BatchKV(draft, 1, device, head=head)}
         ids = torch.tensor([prompt], device=device)
         for kv in kvs.values():
             kv.forward(ids, logits_to_keep=1)
@@ -302,13 +338,14 @@ def alpha_from_tau(tau: float, k: int) -> float:
 def run(cfg: LatencyConfig, console: Console | None = None) -> dict[str, Any]:
     from specdec import flops
 
+    cfg = resolve_defaults(cfg)
     validate(cfg)
     console = console or Console(stderr=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ks = _ints(cfg.ks)
     load_start = os.getloadavg()
-    target, draft, tokenizer, draft_desc = load_pair(cfg)
+    target, draft, tokenizer, draft_desc, vocab = load_pair(cfg)
     prompts = load_prompts(tokenizer, cfg.prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -319,7 +356,7 @@ def run(cfg: LatencyConfig, console: Console | None = None) -> dict[str, Any]:
     if cfg.ablation:
         methods["ours-target hf-fwd"] = our_method(target, None, 0, lean=False)
     for k in ks:
-        methods[f"ours k={k}"] = our_method(target, draft, k)
+        methods[f"ours k={k}"] = our_method(target, draft, k, draft_vocab=vocab)
         if cfg.hf:
             methods[f"hf-assist k={k}"] = hf_method(target, draft, k, pad)
         if cfg.ablation:
@@ -329,7 +366,7 @@ def run(cfg: LatencyConfig, console: Console | None = None) -> dict[str, Any]:
     console.print(f"[bold]warm-up[/] ({len(names)} methods)")
     for name in names:
         methods[name](prompts[0], min(cfg.new_tokens, 8))
-    costs = measure_costs(target, draft, prompts[0], ks, cfg.cost_reps)
+    costs = measure_costs(target, draft, prompts[0], ks, cfg.cost_reps, draft_vocab=vocab)
 
     runs: dict[str, list[Run]] = {name: [] for name in names}
     reference: dict[int, list[int]] = {}  # prompt -> hf-generate's (or ours-target's) tokens
@@ -434,6 +471,8 @@ def print_table(result: dict[str, Any], console: Console) -> None:
     cfg, costs = result["config"], result["costs"]
     load = result["load_average"]
     title = (f"latency, batch 1, greedy, {cfg['dtype']}, {result['threads']} threads, "
+             f"(draft {cfg.get('draft_dtype') or cfg['dtype']}, vocabulary "
+             f"{result['draft'].get('draft_vocab_n') or 'full'}), "
              f"{len(result['prompts'])} MT-Bench prompts x {cfg['repeats']}, "
              f"{cfg['new_tokens']} new tokens\n{result['machine']}; load average "
              f"{load['start'][0]:.1f} -> {load['end'][0]:.1f}\ndraft: {result['draft']['source']} "
@@ -469,7 +508,9 @@ def summary(result: dict[str, Any], out: Path) -> dict[str, Any]:
             if r["method"].startswith("ours k=") and not r["method"].endswith("hf-fwd")]
     best = max(spec, key=lambda r: r["tok_s"]) if spec else None
     s: dict[str, Any] = {
-        "bench": "latency", "dtype": result["config"]["dtype"], "threads": result["threads"],
+        "bench": "latency", "dtype": result["config"]["dtype"],
+        "draft_dtype": result["config"].get("draft_dtype") or result["config"]["dtype"],
+        "draft_vocab_n": result["draft"].get("draft_vocab_n"), "threads": result["threads"],
         "load_average": round(result["load_average"]["start"][0], 2),
         "ours_target_tok_s": round(rows["ours-target"]["tok_s"], 3),
         "cost_ratio": round(result["costs"]["cost_ratio"], 3),

@@ -621,7 +621,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("config", help="check a draft and print vLLM's speculative_config")
     p.add_argument("--draft", required=True, help="draft checkpoint dir")
     p.add_argument("--target", default=None, help="default: the draft's specdec.json target")
-    p.add_argument("--k", type=int, default=4, help="num_speculative_tokens (default: 4)")
+    p.add_argument("--k", type=int, default=None,
+                   help="num_speculative_tokens (default: the draft's recommended k from its "
+                        "specdec.json, else 4)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context vLLM will serve (default: the target's)")
     p.add_argument("--host", default="127.0.0.1")
@@ -634,7 +636,10 @@ def main(argv: list[str] | None = None) -> int:
     err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
     try:
         if args.cmd == "config":
-            check = check_draft(args.draft, args.target, args.k, args.max_model_len, err)
+            from specdec.recommend import recommended_k
+
+            k = args.k if args.k is not None else recommended_k(args.draft)
+            check = check_draft(args.draft, args.target, k, args.max_model_len, err)
             if args.json:
                 print(json.dumps({"ok": check.ok, "problems": check.problems,
                                   "speculative_config": check.speculative_config(),

@@ -17,7 +17,9 @@ class ServeConfig:
         "help": "target model: registry name, hub id or checkpoint dir"})
     draft: str | None = field(default=None, metadata={
         "help": "draft model (same tokenizer as the target); none = target-only decoding"})
-    k: int = field(default=4, metadata={"help": "draft tokens per speculative step"})
+    k: int | None = field(default=None, metadata={
+        "help": "draft tokens per speculative step (default: the draft's recommended k from its "
+                "specdec.json, else 4)"})
     adaptive_k: bool = field(default=False, metadata={
         "help": "adapt k per step between 1 and --k from the acceptance seen"})
     host: str = field(default="127.0.0.1", metadata={
@@ -28,6 +30,11 @@ class ServeConfig:
         "help": "most requests waiting for a batch; past it requests get 429"})
     dtype: str = field(default="auto", metadata={
         "choices": DTYPES, "help": "weights' dtype (auto: bf16 on CUDA, fp32 on the CPU)"})
+    draft_dtype: str = field(default="auto", metadata={
+        "choices": DTYPES, "help": "the draft's dtype (auto: its recommended one, else --dtype)"})
+    draft_vocab: str = field(default="auto", metadata={
+        "help": "auto (the draft's trimmed vocabulary, draft_vocab.json, if it has one) | full | "
+                "a path to a draft_vocab.json (default: auto)"})
     device: str = field(default="auto", metadata={"help": "cpu | cuda | cuda:N | auto"})
     api_key: str | None = field(default=None, metadata={
         "help": "require 'Authorization: Bearer KEY' on every route but /health "
@@ -44,14 +51,20 @@ class ServeConfig:
         "choices": ("critical", "error", "warning", "info", "debug"), "help": "uvicorn log level"})
 
     def __post_init__(self) -> None:
+        from specdec.recommend import recommended_k
+
+        if self.k is None:
+            self.k = recommended_k(self.draft)
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("dtype", "draft_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name} must be one of {', '.join(DTYPES)}, got "
+                                 f"{getattr(self, name)!r}")
         if self.backend not in ("specdec", "vllm"):
             raise ValueError(f"backend must be 'specdec' or 'vllm', got {self.backend!r}")
         if self.default_max_tokens < 1:
@@ -72,20 +85,26 @@ def build_engine(cfg: ServeConfig):
 
     from specdec.decode.engine import SpeculativeEngine
     from specdec.models import load_model
+    from specdec.recommend import dtype_of, recommended
+    from specdec.vocab import resolve_draft_vocab
 
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     target, tokenizer = load_model(cfg.target, dtype=dtype, device=device)
-    draft = None
+    draft = vocab = None
     if cfg.draft is not None:
-        draft, draft_tokenizer = load_model(cfg.draft, dtype=dtype, device=device)
+        draft_dtype = (dtype_of(recommended(cfg.draft).get("draft_dtype"), dtype)
+                       if cfg.draft_dtype == "auto" else getattr(torch, cfg.draft_dtype))
+        draft, draft_tokenizer = load_model(cfg.draft, dtype=draft_dtype, device=device)
         if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ValueError(
                 f"the draft {cfg.draft} has a different tokenizer from the target {cfg.target}; "
                 "a draft must share the target's vocabulary (prune the draft from this target)"
             )
+        vocab_size = target.get_output_embeddings().weight.shape[0]
+        vocab = resolve_draft_vocab(cfg.draft_vocab, cfg.draft, vocab_size)
     engine = SpeculativeEngine(target, draft, k=cfg.k, adaptive_k=cfg.adaptive_k,
-                               tokenizer=tokenizer)
+                               tokenizer=tokenizer, draft_vocab=vocab)
     return engine, tokenizer
