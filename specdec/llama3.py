@@ -3,7 +3,7 @@
 The Llama-3 tokenizer is a tiktoken BPE (128,000 ranks, `tokenizer.model`) plus 256 special
 tokens at ids 128000..128255. Meta's `llama-models` wheel on PyPI ships the rank file
 (pinned in specdec.hub as source `llama3-tokenizer`); this module turns it into a Hugging Face
-fast tokenizer once and caches it (`$SPECDEC_CACHE/tokenizers/llama-3.1/`):
+fast tokenizer once and caches it (`$SPECDEC_CACHE/tokenizers/llama-3.1-b<build>/`):
 
 - byte-level BPE with the ranks as the vocabulary, merges recovered from the ranks (every
   split of a token into two tokens, ordered by the joined token's rank: tiktoken joins the
@@ -36,6 +36,7 @@ from rich.console import Console
 from specdec.hub import cache_dir, fetch_source
 
 TOKENIZER_SOURCE = "llama3-tokenizer"
+TOKENIZER_BUILD = 2  # bump when build_tokenizer changes: the cached dirs are rebuilt
 NUM_BASE_TOKENS = 128000
 NUM_SPECIAL_TOKENS = 256
 BOS = "<|begin_of_text|>"
@@ -161,7 +162,7 @@ def build_tokenizer(rank_file: str | Path):
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, bos_id)])
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=BOS, eos_token=EOT, clean_up_tokenization_spaces=True,
+        tokenizer_object=backend, bos_token=BOS, eos_token=EOT, clean_up_tokenization_spaces=False,
         model_input_names=["input_ids", "attention_mask"], model_max_length=131072)
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
@@ -169,7 +170,7 @@ def build_tokenizer(rank_file: str | Path):
 
 def tokenizer_dir(console: Console | None = None) -> Path:
     """The cached tokenizer dir (tokenizer.json, tokenizer_config.json, chat template)."""
-    dest = cache_dir() / "tokenizers" / "llama-3.1"
+    dest = cache_dir() / "tokenizers" / f"llama-3.1-b{TOKENIZER_BUILD}"
     if (dest / "tokenizer.json").is_file():
         return dest
     import os
@@ -199,14 +200,19 @@ def load_tokenizer(console: Console | None = None):
 
 
 def build_rehearsal(name: str, config: dict[str, Any], dest: Path, seed: int = 0,
-                    console: Console | None = None) -> Path:
-    """The rehearsal target: random weights (seed) on `config`, the real tokenizer, saved."""
+                    scale: float = 5.0, console: Console | None = None) -> Path:
+    """The rehearsal target: random weights (seed) on `config`, the real tokenizer, saved.
+
+    The 2-D block and head weights are scaled up from Hugging Face's init (`scale`), so that
+    greedy text varies instead of repeating one token and top-2 logits rarely nearly tie (the
+    mechanics tests compare argmaxes of batched and one-by-one forwards)."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from specdec.models import MANIFEST, save_checkpoint
+    from specdec.models import MANIFEST, read_manifest, save_checkpoint
 
-    if (dest / MANIFEST).is_file():
+    recipe = {"seed": seed, "scale": scale, "tokenizer_build": TOKENIZER_BUILD}
+    if (dest / MANIFEST).is_file() and read_manifest(dest).get("recipe") == recipe:
         return dest
     console = console or Console(stderr=True)
     tokenizer = load_tokenizer(console)
@@ -215,10 +221,14 @@ def build_rehearsal(name: str, config: dict[str, Any], dest: Path, seed: int = 0
     with console.status(f"Building {name} (random weights, seed {seed}, once)"):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg).to(torch.float32).eval()
+        with torch.no_grad():
+            for param_name, p in model.named_parameters():
+                if p.dim() == 2 and "embed" not in param_name:
+                    p.mul_(scale)
         # What the hub's Llama-3.1-8B-Instruct generation_config.json says.
         model.generation_config = GenerationConfig(
             bos_token_id=config["bos_token_id"], eos_token_id=list(config["eos_token_id"]),
             do_sample=True, temperature=0.6, top_p=0.9)
-        manifest = {"stage": "rehearsal", "model": name, "seed": seed,
+        manifest = {"stage": "rehearsal", "model": name, "recipe": recipe,
                     "tokenizer_source": TOKENIZER_SOURCE}
-        return save_checkpoint(model, tokenizer, dest, manifest, exist_ok=True)
+        return save_checkpoint(model, tokenizer, dest, manifest)

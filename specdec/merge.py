@@ -107,14 +107,11 @@ def check_compatible(config_a, config_b, tokenizer_a, tokenizer_b, name_a: str, 
 
 
 def _load(name: str):
-    from transformers import AutoTokenizer
-
     path = resolve_model(name)
-    model, _ = load_model(path, dtype=torch.float32)
+    model, tokenizer = load_model(path, dtype=torch.float32)  # one load: seconds at vocab 128k
     has_tokenizer = any((path / f).is_file() for f in
                         ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
-    return path, model, tokenizer
+    return path, model, tokenizer if has_tokenizer else None
 
 
 def run(cfg: MergeConfig, console: Console | None = None) -> MergeResult:
