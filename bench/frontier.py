@@ -459,6 +459,27 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def verdict(result: dict[str, Any]) -> str:
+    """One sentence: the fastest draft, its speedup over our target alone, and why."""
+    rows = result["rows"]
+    measured = [r for r in rows if "measured_speedup" in r]
+    top = (max(measured, key=lambda r: r["measured_speedup"]) if measured
+           else max(rows, key=lambda r: r["predicted"]))
+    speed = top.get("measured_speedup", top["predicted"])
+    how = "measured" if "measured_speedup" in top else "predicted"
+    n = top["n"] or "the full"
+    head = (f"Fastest draft: {top['label']} ({top['method']}, {top['layers']} of "
+            f"{result['target_layers']} layers, k = {top['k']}, {n} draft vocabulary, "
+            f"{top['dtype']}): {speed:.2f}x our target-only decode ({how})")
+    why = (f"a draft forward costs c = {top['c']:.2f} of the target's and verifying "
+           f"{top['k'] + 1} tokens v = {top['v']:.2f}, so a step must commit tau >= "
+           f"{top['tau_for_parity']:.2f} tokens to break even (>= {top['tau_for_goal']:.2f} for "
+           f"{GOAL}x); this draft commits {top['tau']:.2f}")
+    if speed >= 1:
+        return f"{head}: a speedup, because {why}."
+    return f"{head}: a slowdown, because {why}."
+
+
 def summary(result: dict[str, Any], out: Path) -> dict[str, Any]:
     rows = result["rows"]
     measured = [r for r in rows if "measured_speedup" in r]
@@ -475,6 +496,7 @@ def summary(result: dict[str, Any], out: Path) -> dict[str, Any]:
         "tau_for_goal": round(top["tau_for_goal"], 3),
         "max_prediction_error": round(max(errors), 3) if errors else None,
         "all_tokens_match": all(r["tokens_match"] for r in measured),
+        "verdict": verdict(result),
         "out": str(out),
     }
 
@@ -503,7 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     lat.write_json_atomic(out / "frontier.json", result)
     (out / "frontier.md").write_text(markdown(result))
     plot(result, out / "frontier.png")
-    Console(width=220).print(table(result))
+    console = Console(width=220)
+    console.print(table(result))
+    console.print(verdict(result))
     print(json.dumps(summary(result, out / "frontier.json")))
     return 0
 
