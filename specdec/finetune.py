@@ -70,8 +70,8 @@ from specdec.cli import config_from_args, config_parser
 from specdec.data import DataError
 from specdec.distill import data_sha256
 from specdec.kd import OnlineTeacher, kd_losses, response_logits
-from specdec.models import (MANIFEST, ModelError, load_model, read_manifest, resolve_model,
-                            save_checkpoint, write_json_atomic)
+from specdec.models import (DEFAULT_TARGET, MANIFEST, ModelError, load_model, read_manifest,
+                            resolve_model, save_checkpoint, write_json_atomic)
 from specdec.train_data import (DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_SEQ_LEN, Example,
                                 Selection, build_examples, collate, epoch_batches, special_ids)
 
@@ -79,7 +79,7 @@ METHODS = ("lora", "full")
 DEFAULT_LR = {"lora": 2e-4, "full": 5e-5}
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Fields that do not change what is trained: a resume may change them.
-NOT_RECIPE = ("out", "save_every", "device")
+NOT_RECIPE = ("out", "save_every", "device", "eval_every", "eval_n", "eval_max_new_tokens")
 # Recipe fields added after runs were made: at these values they leave a fingerprint as it was.
 LATER_DEFAULTS = {"kd_tv": 0.0, "kd_top_k": None, "kd_cache": None, "freeze_below_cut": False,
                   "freeze_embeddings": False}
@@ -139,6 +139,12 @@ class FinetuneConfig:
     group_by_length: bool = True
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0: never)"})
+    eval_every: int = field(default=0, metadata={
+        "help": "learning curve: score the draft teacher-forced on MT-Bench (specdec.curves) "
+                "before training, every N steps and at the end (0: never)"})
+    eval_n: int = field(default=40, metadata={"help": "MT-Bench first turns the probe scores"})
+    eval_max_new_tokens: int = field(default=64, metadata={
+        "help": "tokens of each target answer the probe scores"})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -150,6 +156,8 @@ class FinetuneConfig:
             raise ValueError("--kd and --kd-tv must be >= 0 and --kd-temperature > 0")
         if self.kd_top_k is not None and self.kd_top_k < 1:
             raise ValueError("--kd-top-k must be at least 1 (or none: the full vocabulary)")
+        if self.eval_every < 0 or self.eval_n < 1 or self.eval_max_new_tokens < 1:
+            raise ValueError("--eval-every must be >= 0, --eval-n and --eval-max-new-tokens >= 1")
         if self.kd_cache and not self.uses_kd:
             raise ValueError("--kd-cache without --kd or --kd-tv has nothing to do; set a KD "
                              "weight, or drop --kd-cache")
@@ -449,9 +457,11 @@ def trainable_model(cfg: FinetuneConfig, model, frozen: list[int]):
 
 def train(cfg: FinetuneConfig, model, teacher, examples: list[Example], state: TrainState,
           total_steps: int, pad_id: int, device: torch.device, save: Callable[[], None],
-          console: Console, on_step: Callable[[int, dict[str, Any]], None] | None = None
-          ) -> int:
-    """Run optimizer steps state.step .. total_steps; returns the tokens seen this run."""
+          console: Console, on_step: Callable[[int, dict[str, Any]], None] | None = None,
+          probe: Callable[[Any], dict[str, Any]] | None = None) -> int:
+    """Run optimizer steps state.step .. total_steps; returns the tokens seen this run.
+    `probe(model)` (a `specdec.curves.QualityProbe`) scores the draft every cfg.eval_every
+    steps and after the last; its result goes into that step's curve record as ``eval``."""
     rank, world_size = world()
     lengths = [len(e.input_ids) for e in examples]
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
@@ -485,7 +495,8 @@ def train(cfg: FinetuneConfig, model, teacher, examples: list[Example], state: T
             state.scheduler.step()
             state.optimizer.zero_grad(set_to_none=True)
 
-            tokens_seen += sum(lengths[i] for i in batch)
+            batch_tokens = sum(lengths[i] for i in batch)
+            tokens_seen += batch_tokens
             elapsed = time.perf_counter() - t_start
             ce, kl, tv = (x / n_tokens for x in sums.tolist())
             kd_on = teacher is not None
@@ -493,7 +504,11 @@ def train(cfg: FinetuneConfig, model, teacher, examples: list[Example], state: T
                       "loss": ce + cfg.kd * temperature ** 2 * kl + cfg.kd_tv * tv,
                       "ce": ce, "kd": kl if kd_on else None, "tv": tv if kd_on else None,
                       "lr": lr, "response_tokens": n_tokens,
+                      "train_tokens": (curve[-1].get("train_tokens", 0) if curve else 0) + batch_tokens,
                       "tokens_per_s": round(tokens_seen / elapsed, 2)}
+            if probe is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == total_steps):
+                record["eval"] = probe(model)
+                t_start += time.perf_counter() - t_start - elapsed  # the probe is not training
             curve.append(record)
             state.step = step + 1
             progress.update(task, advance=1, loss=f"{record['loss']:.4f}",
@@ -577,9 +592,17 @@ def run(cfg: FinetuneConfig, console: Console | None = None,
     else:
         torch.manual_seed(cfg.seed + rank)
     start_step = state.step
+    probe = eval_before = None
+    if cfg.eval_every and rank == 0:
+        from specdec.curves import QualityProbe
+
+        probe = QualityProbe.for_target(teacher_name(cfg, draft_manifest) or DEFAULT_TARGET,
+                                        cfg.eval_n, cfg.eval_max_new_tokens, console=console)
+        if state.step == 0:
+            eval_before = probe(model)
     t_start = time.perf_counter()
     tokens_seen = train(cfg, model, teacher, examples, state, total_steps, pad_id, device,
-                        lambda: checkpoint(state, ckpt, fp), console, on_step)
+                        lambda: checkpoint(state, ckpt, fp), console, on_step, probe)
     train_seconds = time.perf_counter() - t_start
 
     # output
@@ -598,6 +621,8 @@ def run(cfg: FinetuneConfig, console: Console | None = None,
         "final_loss": curve[-1]["loss"] if curve else None,
         "loss_curve": curve,
     }
+    if eval_before is not None:
+        manifest["eval_before"] = eval_before
     if rank == 0:
         write_output(cfg, model, tokenizer, out, manifest, curve)
         shutil.rmtree(ckpt, ignore_errors=True)
