@@ -253,7 +253,7 @@ def run(cfg: FrontierConfig, console: Console | None = None) -> dict[str, Any]:
     vocab_size = target.get_output_embeddings().weight.shape[0]
     vocabs: dict[int, DraftVocab | None] = {0: None}
     curve = None
-    if cfg.vocab_data:
+    if cfg.vocab_data and any(vocab_ns):
         from specdec.data import iter_jsonl
         from specdec.hub import file_sha256
         from specdec.vocab import coverage_curve
@@ -522,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(cfg.out) if Path(cfg.out).is_absolute() else ROOT / cfg.out
     out.mkdir(parents=True, exist_ok=True)
+    result["verdict"] = verdict(result)
     lat.write_json_atomic(out / "frontier.json", result)
     (out / "frontier.md").write_text(markdown(result))
     plot(result, out / "frontier.png")

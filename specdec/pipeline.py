@@ -3,6 +3,7 @@
     python -m specdec.pipeline --preset quick            # what `make demo` runs, < 30 min on 2 cores
     python -m specdec.pipeline --preset paper --run runs/paper
     python -m specdec.pipeline --preset paper --run runs/paper --cuts keep12   # one cut only
+    python -m specdec.pipeline --preset speed --run runs/speed   # the speed draft, ~90 min
 
 Layout of a run (`runs/<name>/`):
     distilled.jsonl      the target's rewrites of the training answers (self-data distillation)
@@ -12,7 +13,10 @@ Layout of a run (`runs/<name>/`):
     <cut>/sd             healed on distilled.jsonl, same recipe
     <cut>/sd-kd          the same plus a logit-distillation term (paper preset)
     <cut>/bench/         bench/acceptance.py's report, JSON and plots
-    report.md            every cut's comparison table
+    <cut>/frontier/      bench/frontier.py: cost/acceptance frontier, measured speedups, the
+                         settings written into each draft's specdec.json
+    distilled.logits/    the target's top-k logits on distilled.jsonl (presets with kd_cache)
+    report.md            every cut's comparison table and the fastest draft
 
 Every stage is skipped when its output is already there and valid (a checkpoint with its
 `specdec.json`, a complete data file, a bench JSON), and distill and finetune resume from their
@@ -73,6 +77,18 @@ class Preset:
     vllm_batch_size: int = 128  # prompts per LLM.generate call (and per append to the output)
     vllm_kv_cache_gib: float | None = 3.0
     bench_vllm: str = "auto"  # bench/acceptance.py --vllm: auto | on | off
+    # KD from a logit cache of distilled.jsonl (specdec.logit_cache, made once) instead of
+    # running the target at every step; its top-k
+    kd_cache: bool = False
+    kd_top_k: int = 32
+    # bench/frontier.py after the bench: draft vocabularies N (0 = full), ks, end-to-end runs
+    frontier: bool = True
+    frontier_vocab_n: str = "0,8192,16384"
+    frontier_ks: str = "1,2,3,4"
+    frontier_n: int = 16  # MT-Bench first turns scored teacher-forced
+    frontier_e2e_best: int = 2
+    frontier_e2e_prompts: int = 4
+    frontier_new_tokens: int = 64
 
 
 PRESETS: dict[str, Preset] = {
@@ -86,6 +102,24 @@ PRESETS: dict[str, Preset] = {
         kd=0.0, prune_calib_n=32, prune_heldout_n=8, eval_n=16, eval_turns=1,
         eval_max_new_tokens=64, latency_n=2, latency_tokens=32, repeats=2,
         bench_vllm="off",  # vLLM starts once per draft (minutes): `make vllm-check` shows it
+        frontier_vocab_n="0,8192", frontier_ks="1,2,4",
+    ),
+    # The speed draft: the deep cut that bench/frontier.py favours on this CPU, healed as well as
+    # about 90 minutes on 2 cores allow (vLLM distillation of 1,024 records, one epoch over 768
+    # of them for SFT / self-distilled / self-distilled + cached-logit KD, the layers below the
+    # cut frozen), ending with the frontier: measured speedups and the settings each draft
+    # records for serve, the benches and vLLM.
+    "speed": Preset(
+        cuts=(Cut("keep12", keep=12),),
+        distill_n=1024, distill_max_new_tokens=384, distill_batch_size=32,
+        distill_max_answer_tokens=192,
+        finetune=dict(method="full", n=768, epochs=1, batch_size=16, micro_batch_size=8,
+                      max_seq_len=384, max_answer_tokens=192, lr=3e-4, bf16=True,
+                      freeze_below_cut=True, eval_every=8, eval_n=40, eval_max_new_tokens=64),
+        kd=1.0, kd_cache=True, prune_calib_n=64, prune_heldout_n=16, eval_n=40, eval_turns=1,
+        eval_max_new_tokens=64, latency_n=0, latency_tokens=64, repeats=1, bench_vllm="off",
+        frontier_vocab_n="0,4096,8192,16384", frontier_n=40, frontier_e2e_best=3,
+        frontier_e2e_prompts=16, frontier_new_tokens=128,
     ),
     # The paper's comparison at this model's scale: two draft sizes, 1,024 distilled records,
     # a KD variant, all 80 MT-Bench questions with both turns. Healing is sized for a 2-core
@@ -111,7 +145,9 @@ PRESETS: dict[str, Preset] = {
                       max_seq_len=64),
         kd=0.5, prune_calib_n=4, prune_heldout_n=2, eval_n=2, eval_turns=1,
         eval_max_new_tokens=8, latency_n=1, latency_tokens=4, repeats=1, k=2,
-        distill_engine="transformers", bench_vllm="off",
+        distill_engine="transformers", bench_vllm="off", kd_cache=True, kd_top_k=8,
+        frontier_vocab_n="0", frontier_ks="1,2", frontier_n=2, frontier_e2e_best=1,
+        frontier_e2e_prompts=1, frontier_new_tokens=4,
     ),
 }
 
@@ -239,6 +275,19 @@ def run(cfg: PipelineConfig, console: Console | None = None) -> dict[str, Any]:
     _stage(log, console, "original answers (SFT data)", original.is_file(),
            lambda: write_original(distilled, original))
 
+    logits = run_dir / "distilled.logits"
+    if preset.kd and preset.kd_cache:
+        from specdec import logit_cache
+
+        recipe = {**preset.finetune}
+        cache_cfg = logit_cache.LogitCacheConfig(
+            data=str(distilled), out=str(logits), target=cfg.target, n=recipe.get("n"),
+            max_answer_tokens=recipe.get("max_answer_tokens"),
+            max_seq_len=recipe.get("max_seq_len", logit_cache.DEFAULT_MAX_SEQ_LEN),
+            top_k=preset.kd_top_k, bf16=bool(recipe.get("bf16")))
+        _stage(log, console, "logit cache (KD)", (logits / logit_cache.MANIFEST).is_file(),
+               lambda: logit_cache.run(cache_cfg, console))
+
     for cut in cuts:
         pruned = run_dir / cut.name / "pruned"
         drafts = {"pruned": pruned}
@@ -249,6 +298,8 @@ def run(cfg: PipelineConfig, console: Console | None = None) -> dict[str, Any]:
             out = run_dir / cut.name / label
             drafts[label] = out
             extra = dict(kd=kd, target=cfg.target) if kd else {}
+            if kd and preset.kd_cache:
+                extra["kd_cache"] = str(logits)
             _stage(log, console, f"finetune {cut.name}/{label}", _checkpoint_done(out, "finetune"),
                    lambda out=out, data=data, extra=extra: finetune.run(finetune.FinetuneConfig(
                        draft=str(pruned), out=str(out), data=str(data),
@@ -268,6 +319,12 @@ def run(cfg: PipelineConfig, console: Console | None = None) -> dict[str, Any]:
             cmd += ["--draft", f"{label}={path}"]
         _stage(log, console, f"bench {cut.name}", (bench_dir / "acceptance.json").is_file(),
                lambda cmd=cmd: _run_bench(cmd))
+        if preset.frontier:
+            frontier_dir = run_dir / cut.name / "frontier"
+            _stage(log, console, f"frontier {cut.name}",
+                   (frontier_dir / "frontier.json").is_file(),
+                   lambda cmd=frontier_cmd(cfg, preset, drafts, distilled, frontier_dir):
+                   _run_bench(cmd))
 
     # every cut of the preset with results, also those another pipeline (--cuts) benched
     summary = report(run_dir, [(c, run_dir / c.name / "bench") for c in preset.cuts], console)
@@ -277,6 +334,8 @@ def run(cfg: PipelineConfig, console: Console | None = None) -> dict[str, Any]:
     for stage, status, seconds in log.rows:
         table.add_row(stage, status, f"{seconds:.0f}")
     console.print(table)
+    for cut_name, verdict in summary.get("fastest", {}).items():  # what the run ends with
+        console.print(f"[bold]{cut_name}[/bold]: {verdict}", soft_wrap=True)
     return summary
 
 
@@ -288,6 +347,22 @@ def _distill(cfg, console: Console) -> None:
         distill.run(cfg, console=console)
     else:
         distill.run_in(python, cfg, console)
+
+
+def frontier_cmd(cfg: PipelineConfig, preset: Preset, drafts: dict[str, Path], distilled: Path,
+                 out: Path) -> list[str]:
+    """bench/frontier.py over a cut's drafts, writing each one's recommended settings."""
+    cmd = [sys.executable, str(ROOT / "bench" / "frontier.py"), "--target", cfg.target,
+           "--vocab-data", str(distilled), "--vocab-n", preset.frontier_vocab_n,
+           "--ks", preset.frontier_ks, "--n", str(preset.frontier_n),
+           "--max-new-tokens", str(preset.eval_max_new_tokens),
+           "--e2e-best", str(preset.frontier_e2e_best),
+           "--e2e-prompts", str(preset.frontier_e2e_prompts),
+           "--new-tokens", str(preset.frontier_new_tokens), "--write-recommended",
+           "--out", str(out)]
+    for label, path in drafts.items():
+        cmd += ["--draft", f"{label}={path}"]
+    return cmd
 
 
 def _run_bench(cmd: list[str]) -> None:
@@ -323,6 +398,13 @@ def report(run_dir: Path, benches: list[tuple[Cut, Path]], console: Console) -> 
         lines += [f"## {cut.name}", "", f"Full report: [{cut.name}/bench/report.md]"
                   f"({cut.name}/bench/report.md)", ""]
         lines += (bench_dir / "report.md").read_text().splitlines()[2:] + [""]
+    for cut, bench_dir in benches:  # the frontier's verdict, last: what the run ends with
+        file = bench_dir.parent / "frontier" / "frontier.json"
+        if file.is_file():
+            verdict = json.loads(file.read_text()).get("verdict") or ""
+            summary.setdefault("fastest", {})[cut.name] = verdict
+            lines += [f"## {cut.name}: the fastest draft", "", verdict, "",
+                      f"Frontier: [{cut.name}/frontier/frontier.md]({cut.name}/frontier/frontier.md)", ""]
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
     console.print(f"report: {run_dir / 'report.md'}")
     return summary

@@ -33,12 +33,24 @@ def test_pipeline_smoke_runs_then_resumes(tmp_path, smollm2_path):
     result = json.loads((run / "drop1" / "bench" / "acceptance.json").read_text())
     assert [q["draft"] for q in result["quality"]] == ["pruned", "sft", "sd", "sd-kd"]
     assert all(c["agree"] for c in result["engine_check"].values())
-    assert "## drop1" in (run / "report.md").read_text()
+    report = (run / "report.md").read_text()
+    assert "## drop1" in report and "Fastest draft:" in report
+    assert (run / "distilled.logits" / "manifest.json").is_file()  # KD from the logit cache
+    kd = json.loads((run / "drop1" / "sd-kd" / "specdec.json").read_text())
+    assert kd["recipe"]["kd_cache"] == str(run / "distilled.logits")
+    frontier = json.loads((run / "drop1" / "frontier" / "frontier.json").read_text())
+    assert frontier["verdict"].startswith("Fastest draft")
+    assert all(r.get("tokens_match", True) for r in frontier["rows"])
+    # every draft now records its recommended settings
+    rec = json.loads((run / "drop1" / "sd" / "specdec.json").read_text())["recommended"]
+    assert rec["k"] in (1, 2) and "predicted_speedup" in rec
+    assert "Fastest draft" in first.stdout.strip().splitlines()[-1]  # the run ends with it
 
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
                            env={**__import__("os").environ, "COLUMNS": "200"})
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("done already, skipped") == 7  # prune, distill, original, 3 finetunes, bench
+    # prune, distill, original, logit cache, 3 finetunes, bench, frontier
+    assert again.stdout.count("done already, skipped") == 9
 
 
 def test_pipeline_rejects_unknown_cuts_and_engines(tmp_path):
