@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from specdec import finetune
 from specdec.finetune import FinetuneConfig
-from specdec.kd import TopK, kd_kl, kd_losses, topk_of
+from specdec.kd import kd_kl, kd_losses, topk_of
 from specdec.models import load_model, read_manifest
 from conftest import make_tiny_llama, save_tiny_chat_model, write_chat_data
 
