@@ -3,6 +3,7 @@
     python -m specdec.pipeline --preset quick            # what `make demo` runs, < 30 min on 2 cores
     python -m specdec.pipeline --preset paper --run runs/paper
     python -m specdec.pipeline --preset paper --run runs/paper --cuts keep12   # one cut only
+    python -m specdec.pipeline --preset paper-8b --dry-run   # the GPU plan: stages, memory, time
     python -m specdec.pipeline --preset speed --run runs/speed   # the speed draft, ~90 min
 
 Layout of a run (`runs/<name>/`):
@@ -135,6 +136,21 @@ PRESETS: dict[str, Preset] = {
         kd=0.5, prune_calib_n=128, prune_heldout_n=32, eval_n=None, eval_turns=2,
         eval_max_new_tokens=96,
         latency_n=3, latency_tokens=48, repeats=2,
+    ),
+    # The paper's setting on a GPU box with hub access (target llama-3.1-8b-instruct, see
+    # specdec.plan.PRESET_TARGETS): drop 6 of 32 and a deep cut, vLLM distillation in bf16,
+    # bf16 full healing (torchrun data parallel when run stage by stage), MT-Bench 80 x 2 and
+    # the vLLM drop-in bench. `--dry-run` prints the stages, commands, memory and time.
+    "paper-8b": Preset(
+        cuts=(Cut("drop6", drop=6), Cut("keep16", keep=16, finetune=dict(lr=5e-5))),
+        distill_n=8192, distill_max_new_tokens=512, distill_batch_size=64,
+        distill_max_answer_tokens=512,
+        finetune=dict(method="full", epochs=2, batch_size=64, micro_batch_size=8,
+                      max_seq_len=1024, lr=2e-5, bf16=True),
+        kd=0.5, prune_calib_n=256, prune_heldout_n=64, eval_n=None, eval_turns=2,
+        eval_max_new_tokens=256, latency_n=8, latency_tokens=128, repeats=3,
+        distill_engine="vllm", vllm_batch_size=256, vllm_kv_cache_gib=None, bench_vllm="on",
+        frontier_vocab_n="0,16384,32768,65536", frontier_n=80,
     ),
     # Wiring only, for a tiny model in tests: every stage runs, on a handful of records.
     "smoke": Preset(
@@ -417,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", default="", help="run folder (default runs/<preset>)")
     parser.add_argument("--target", default=DEFAULT_TARGET)
     parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the stages, their commands, memory and time on one "
+                             "H100/H200; download and run nothing")
     parser.add_argument("--cuts", nargs="+", default=(), metavar="CUT",
                         help="run only these of the preset's cuts (e.g. drop6); once the "
                              "shared stages (distill, original answers) are done, pipelines with "
@@ -428,6 +447,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="override the preset's: vLLM rows in the bench (auto: when "
                              ".venv-vllm exists; each draft starts vLLM once, a few minutes)")
     args = parser.parse_args(argv)
+    from specdec.plan import PRESET_TARGETS, print_plan
+
+    dry_run = vars(args).pop("dry_run")
+    if args.target == DEFAULT_TARGET and args.preset in PRESET_TARGETS:
+        args.target = PRESET_TARGETS[args.preset]
+    if dry_run:
+        print_plan(args.preset, PRESETS[args.preset], args.target,
+                   args.run or f"runs/{args.preset}")
+        return 0
     run(PipelineConfig(**{**vars(args), "cuts": tuple(args.cuts)}))
     return 0
 

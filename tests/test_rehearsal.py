@@ -505,3 +505,21 @@ def test_vllm_config_accepts_a_rehearsal_draft_and_rejects_a_smollm2_one(
     assert sv.main(["config", "--draft", str(smol), "--target", str(target_path)]) == 1
     err = capsys.readouterr().err
     assert "vocab_size" in err and "Fix:" in err
+
+
+def test_paper_8b_dry_run_prints_every_stage_and_downloads_nothing(monkeypatch, capsys):
+    from specdec import models, pipeline
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("--dry-run must not resolve or download a model")
+
+    monkeypatch.setattr(models, "resolve_model", no_download)
+    monkeypatch.setattr(models, "_hub_snapshot", no_download)
+    monkeypatch.setattr(pipeline, "run", no_download)
+    assert pipeline.main(["--preset", "paper-8b", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("llama-3.1-8b-instruct", "32 -> 26 layers", "--engine vllm",
+                   "torchrun --nproc-per-node", "--bf16", "--turns 2", "--vllm on",
+                   "min on H100", "min on H200", "GPU memory"):
+        assert needle in out, needle
+    assert out.count("python -m specdec.prune") == 2 and out.count("-m specdec.finetune") == 6
