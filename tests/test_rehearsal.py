@@ -523,3 +523,39 @@ def test_paper_8b_dry_run_prints_every_stage_and_downloads_nothing(monkeypatch, 
                    "min on H100", "min on H200", "GPU memory"):
         assert needle in out, needle
     assert out.count("python -m specdec.prune") == 2 and out.count("-m specdec.finetune") == 6
+
+
+@pytest.mark.slow
+def test_trimmed_draft_vocabulary_at_vocab_128256(tmp_path, target, pruned):
+    """#8's trimmed head on Llama-3's vocabulary: all three EOS ids kept, the sidecar round
+    trips, greedy output with the trimmed draft == the target alone, stops on <|eom_id|>."""
+    from specdec.decode.engine import SpeculativeEngine
+    from specdec.decode.sampling import SamplingParams
+    from specdec.models import load_model
+    from specdec.vocab import from_data, load_draft_vocab
+
+    model, tok = target
+    data = tmp_path / "distilled.jsonl"
+    data.write_text("".join(json.dumps({"id": f"d{i}", "origin": "distilled", "messages": [
+        {"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+        for i, (q, a) in enumerate(CHATS)))
+    draft, _ = load_model(pruned["drop2"])
+    vocab, curve = from_data(data, tok, 128256, n=16, model=draft)
+    assert vocab.vocab_size == 128256 and set(EOS_TOKEN_IDS) <= set(vocab.ids.tolist())
+    assert 16 <= vocab.n < 128256 and curve
+    vocab.save(pruned["drop2"])
+    try:
+        loaded = load_draft_vocab(pruned["drop2"], 128256)
+        assert torch.equal(loaded.ids, vocab.ids)
+    finally:
+        (pruned["drop2"] / "draft_vocab.json").unlink(missing_ok=True)
+    prompts = [chat_ids(tok, [{"role": "user", "content": q}]) for q, _ in CHATS[:2]]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    alone = SpeculativeEngine(model, None, tokenizer=tok).generate(prompts, params)
+    trimmed = SpeculativeEngine(model, draft, k=3, tokenizer=tok,
+                                draft_vocab=loaded).generate(prompts, params)
+    assert [r.token_ids for r in trimmed] == [r.token_ids for r in alone]
+    forced, before = _forced_stop(model, prompts[0], 128008)
+    [stopped] = SpeculativeEngine(forced, draft, k=3, tokenizer=tok, draft_vocab=loaded).generate(
+        prompts[:1], SamplingParams(temperature=0.0, max_tokens=16))
+    assert stopped.finish_reason == "stop" and stopped.token_ids == before + [128008]
