@@ -151,19 +151,21 @@ class DistillConfig:
                 "--max-new-tokens mostly end truncated (and fall back)"})
     temperature: float = field(default=0.0, metadata={"help": "0 is greedy"})
     top_p: float = 1.0
-    repetition_penalty: float = field(default=1.0, metadata={
+    repetition_penalty: float = field(default=1.1, metadata={
         "help": "CTRL repetition penalty over the prompt and the answer so far (1: none); "
-                "both engines apply it alike"})
+                "both engines apply it alike. 1.1 stops SmolLM2's greedy loops; 1.2 also "
+                "penalizes the stop token (it is in the prompt), so answers run long"})
     seed: int = 0
-    retry_mode: str = field(default="none", metadata={
+    retry_mode: str = field(default="rewrite", metadata={
         "choices": ["none", *MODES], "help": "a second attempt for a rejected generation "
         "before it falls back to the original: rewrite (the same prompt) or regenerate (the "
         "instruction alone), with the --retry-* decoding settings; none: fall back at once"})
-    retry_temperature: float = field(default=0.0, metadata={"help": "the retry's; 0 is greedy"})
-    retry_top_p: float = 1.0
-    retry_repetition_penalty: float = field(default=1.0, metadata={"help": "the retry's"})
+    retry_temperature: float = field(default=0.7, metadata={"help": "the retry's; 0 is greedy"})
+    retry_top_p: float = 0.9
+    retry_repetition_penalty: float = field(default=1.1, metadata={"help": "the retry's"})
     retry_max_new_tokens: int | None = field(default=None, metadata={
-        "help": "the retry's (none: --max-new-tokens)"})
+        "help": "the retry's (none: 1.5 x --max-new-tokens, room for the answers the first "
+                "attempt cut off)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     dtype: str = field(default="auto", metadata={
         "help": "weights and activations of the generating target: auto (the checkpoint's) | "
@@ -204,7 +206,7 @@ class DistillConfig:
                                      self.repetition_penalty, self.seed))
         if self.retry_mode == "none":
             return [first]
-        retry = Decoding(self.retry_max_new_tokens or self.max_new_tokens,
+        retry = Decoding(self.retry_max_new_tokens or (3 * self.max_new_tokens + 1) // 2,
                          self.retry_temperature, self.retry_top_p,
                          self.retry_repetition_penalty, self.seed + 1)
         return [first, (self.retry_mode, retry)]

