@@ -296,6 +296,9 @@ def run(cfg: FrontierConfig, console: Console | None = None) -> dict[str, Any]:
                         "label": spec["label"], "method": spec["method"], "path": spec["path"],
                         "layers": draft.config.num_hidden_layers, "dtype": dt, "n": n,
                         "coverage": vocabs[n].coverage if vocabs[n] is not None else 1.0,
+                        # ids actually kept: fewer than N when the ranking text has fewer distinct
+                        # tokens; the specials are always kept
+                        "n_ids": vocabs[n].n if vocabs[n] is not None else vocab_size,
                         "k": k, "c": cost["c"], "draft_forward_ms": cost["draft_forward_s"] * 1e3,
                         "v": verify["v"][k], "tau": tau, "top1": q.report.top1_agreement,
                         "predicted": tau / denom, "tau_for_goal": GOAL * denom,
@@ -367,7 +370,8 @@ def write_recommendations(rows, vocabs, cfg: FrontierConfig) -> dict[str, Any]:
             vocab.save(r["path"])
         else:  # the full vocabulary is best: drop a sidecar an earlier run left
             _drop_sidecar(r["path"])
-        rec = {"k": r["k"], "draft_vocab_n": r["n"] or None, "dtype": cfg.dtype,
+        rec = {"k": r["k"], "draft_vocab_n": (r.get("n_ids") or r["n"]) if r["n"] else None,
+               "dtype": cfg.dtype,
                "draft_dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[r["dtype"]],
                "c": round(r["c"], 4), "tau": round(r["tau"], 4),
                "predicted_speedup": round(r["predicted"], 4),
@@ -390,6 +394,14 @@ def _drop_sidecar(path: str) -> None:
 # ----------------------------------------------------------------------------- output
 
 
+def _n(r: dict[str, Any]) -> str:
+    """N as asked, and the ids kept where the ranking text had fewer distinct tokens."""
+    if not r["n"]:
+        return "full"
+    kept = r.get("n_ids")
+    return str(r["n"]) if kept in (None, r["n"]) else f"{r['n']} ({kept})"
+
+
 def table(result: dict[str, Any]) -> Table:
     load = result["load_average"]
     t = Table(title=(f"frontier: {result['answers']} MT-Bench answers teacher-forced, "
@@ -404,7 +416,7 @@ def table(result: dict[str, Any]) -> Table:
         ms = r.get("measured_speedup")
         mark = "*" if id(r) in best else ""
         t.add_row(r["label"] + mark, r["method"], str(r["layers"]), r["dtype"],
-                  str(r["n"] or "full"), str(r["k"]), f"{r['c']:.3f}", f"{r['v']:.2f}",
+                  _n(r), str(r["k"]), f"{r['c']:.3f}", f"{r['v']:.2f}",
                   f"{r['top1']:.3f}", f"{r['tau']:.2f}", f"{r['predicted']:.2f}x",
                   "" if ms is None else f"{ms:.2f}x" + ("" if r["tokens_match"] else " (!)"),
                   f"{r['tau_for_goal']:.2f}")
@@ -421,7 +433,7 @@ def markdown(result: dict[str, Any]) -> str:
             continue  # the table keeps each draft's best row plus k = 1, 2
         ms = r.get("measured_speedup")
         lines.append(
-            f"| {r['label']} | {r['method']} | {r['layers']} | {r['dtype']} | {r['n'] or 'full'} "
+            f"| {r['label']} | {r['method']} | {r['layers']} | {r['dtype']} | {_n(r)} "
             f"| {r['k']} | {r['c']:.3f} | {r['v']:.2f} | {r['top1']:.3f} | {r['tau']:.2f} | "
             f"{r['predicted']:.2f}x | {'' if ms is None else f'{ms:.2f}x'} | "
             f"{r['tau_for_goal']:.2f} |")
@@ -467,7 +479,7 @@ def verdict(result: dict[str, Any]) -> str:
            else max(rows, key=lambda r: r["predicted"]))
     speed = top.get("measured_speedup", top["predicted"])
     how = "measured" if "measured_speedup" in top else "predicted"
-    n = top["n"] or "the full"
+    n = _n(top) if top["n"] else "the full"
     head = (f"Fastest draft: {top['label']} ({top['method']}, {top['layers']} of "
             f"{result['target_layers']} layers, k = {top['k']}, {n} draft vocabulary, "
             f"{top['dtype']}): {speed:.2f}x our target-only decode ({how})")
