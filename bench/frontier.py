@@ -259,7 +259,12 @@ def run(cfg: FrontierConfig, console: Console | None = None) -> dict[str, Any]:
         from specdec.vocab import coverage_curve
 
         counts, used, _ = count_target_tokens((r for r, _ in iter_jsonl(cfg.vocab_data)), tokenizer)
-        curve = coverage_curve(counts)
+        if not counts:  # every record fell back to its original: nothing the target wrote
+            console.print(f"[yellow]warning:[/] {cfg.vocab_data} has no kept target rewrites to "
+                          "rank a draft vocabulary on; measuring the full vocabulary only")
+            vocab_ns = [0]
+        else:
+            curve = coverage_curve(counts)
         prov = {"source": cfg.vocab_data, "source_sha256": file_sha256(cfg.vocab_data),
                 "records": used, "ranking": "kept target rewrites (origin == distilled)"}
         for n in vocab_ns:
