@@ -268,3 +268,16 @@ def test_bf16_draft_beside_fp32_target_is_lossless(target):
     sampled = engine.generate(PROMPTS[:2], SamplingParams(temperature=1.0, max_tokens=8, seed=1,
                                                           ignore_eos=True))
     assert all(len(r.token_ids) == 8 for r in sampled)
+
+
+def test_trimmed_vocab_through_hugging_face_forward(target):
+    """lean=False: the draft's hidden states come from model.get_decoder() and go through the
+    sub-head (the path every non-Llama or eager-attention model takes)."""
+    vocab = DraftVocab(torch.tensor(_frequent_ids(target, PROMPTS, 16)), target.config.vocab_size)
+    draft = drop_layers(target, [0, 3])
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    lean = SpeculativeEngine(target, draft, k=2, draft_vocab=vocab).generate(PROMPTS, params)
+    hf = SpeculativeEngine(target, draft, k=2, draft_vocab=vocab, lean=False).generate(PROMPTS, params)
+    for prompt, a, b in zip(PROMPTS, lean, hf):
+        assert_same_greedy(target, prompt, b.token_ids, target_generate(target, prompt, params))
+        assert (a.steps, a.accepted) == (b.steps, b.accepted)
