@@ -106,15 +106,16 @@ PRESETS: dict[str, Preset] = {
         frontier_vocab_n="0,8192", frontier_ks="1,2,4",
     ),
     # The speed draft: the deep cut that bench/frontier.py favours on this CPU, healed as well as
-    # about 90 minutes on 2 cores allow (vLLM distillation of 1,024 records, one epoch over 768
-    # of them for SFT / self-distilled / self-distilled + cached-logit KD, the layers below the
-    # cut frozen), ending with the frontier: measured speedups and the settings each draft
-    # records for serve, the benches and vLLM.
+    # about 90 minutes on 2 cores allow (vLLM distillation of 768 records, one epoch over all of
+    # them for SFT / self-distilled / self-distilled + cached-logit KD, the layers below the cut
+    # frozen), ending with the frontier: measured speedups and the settings each draft records
+    # for serve, the benches and vLLM. (All records, not the first n: distill writes its output
+    # in its batches' order, longest prompts first.)
     "speed": Preset(
         cuts=(Cut("keep12", keep=12),),
-        distill_n=1024, distill_max_new_tokens=384, distill_batch_size=32,
+        distill_n=768, distill_max_new_tokens=256, distill_batch_size=32,
         distill_max_answer_tokens=192,
-        finetune=dict(method="full", n=768, epochs=1, batch_size=16, micro_batch_size=8,
+        finetune=dict(method="full", epochs=1, batch_size=16, micro_batch_size=8,
                       max_seq_len=384, max_answer_tokens=192, lr=3e-4, bf16=True,
                       freeze_below_cut=True, eval_every=8, eval_n=40, eval_max_new_tokens=64),
         kd=1.0, kd_cache=True, prune_calib_n=64, prune_heldout_n=16, eval_n=40, eval_turns=1,
