@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import make_tiny_llama, save_tiny_chat_model
+from conftest import make_tiny_llama, save_tiny_chat_model, tiny_chat_tokenizer
 from test_decode_engine import PROMPTS, assert_same_greedy, drop_layers, spread
 from test_decode_sampling import PROMPT, VOCAB, chi_square_p, exact_distributions
 
@@ -120,8 +120,10 @@ def test_cli_build_and_show(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     vocab = load_draft_vocab(draft_dir)
     assert out["n"] == vocab.n
-    tok_ids = set(vocab.ids.tolist())
-    assert {ord(c) - 32 + 6 for c in "XYZ"}.isdisjoint(tok_ids - {0, 1, 2, 3, 4, 5})
+    tok = tiny_chat_tokenizer()
+    kept = set(vocab.ids.tolist())
+    assert set(tok.encode("helo ", add_special_tokens=False)) <= kept  # the kept rewrite's ids
+    assert set(tok.encode("XYZ", add_special_tokens=False)).isdisjoint(kept)  # a fallback's
     assert vocab.provenance["records"] == 1 and vocab.provenance["records_skipped"] == 1
     assert main(["show", "--draft", str(draft_dir)]) == 0
     assert main(["build", "--draft", str(draft_dir), "--data", str(tmp_path / "nope.jsonl")]) == 2
@@ -234,7 +236,7 @@ def test_trimmed_vocab_samples_the_target_distribution(small_target, k):
     # the left-out tokens are emitted (by recovery), at the target's rate
     first = torch.bincount(tokens[:, 0], minlength=VOCAB).double() / n
     assert float(first[top].sum()) > 0.2
-    # nothing outside the subset was ever accepted as a draft token: accepted drafts are in ids
+    # and the subset's drafts are still accepted some of the time
     assert sum(r.accepted for r in results) > 0
 
 

@@ -8,11 +8,13 @@ sampling.py  SamplingParams, top-k / top-p (`process_logits`), the draft's count
 kv.py        BatchKV: a slab-backed DynamicCache with per-slot validity for rows that reject
              differently
 forward.py   the model call: a lean Llama forward (bitwise Hugging Face's logits) or model(...)
-engine.py    SpeculativeEngine, GenerationResult, IncrementalDetokenizer
+engine.py    SpeculativeEngine, GenerationResult
+detok.py     IncrementalDetokenizer: streaming text of a growing token sequence
 reference.py speculative_step (gpt-fast style, no cache), reference_generate, target_generate
 """
 
-from specdec.decode.engine import GenerationResult, IncrementalDetokenizer, SpeculativeEngine
+from specdec.decode.detok import IncrementalDetokenizer
+from specdec.decode.engine import GenerationResult, SpeculativeEngine
 from specdec.decode.reference import reference_generate, speculative_step, target_generate
 from specdec.decode.sampling import SamplingParams, process_logits, sample
 

@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specdec.data import DataError, chat_ids
-from specdec.decode.engine import IncrementalDetokenizer
+from specdec.decode.detok import IncrementalDetokenizer
 from specdec.decode.sampling import SamplingParams
 from specdec.serve.config import ServeConfig, build_engine
 from specdec.serve.metrics import ServerMetrics
