@@ -77,6 +77,7 @@ from specdec.generation import (Decoding, Generation, Generator, TransformersGen
                                 VLLMGenerator, stop_token_ids)
 from specdec.hub import SOURCES, file_sha256
 from specdec.models import DEFAULT_TARGET, resolve_model, write_json_atomic
+from specdec.precision import bf16_warning
 
 MODES = ("rewrite", "regenerate")
 ENGINES = ("transformers", "vllm")
@@ -335,11 +336,24 @@ def rewrite_messages(turn: FirstTurn, tokenizer, mode: str, max_reference_tokens
 # ---------------------------------------------------------------------------- generators
 
 
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 def make_generator(cfg: DistillConfig, console: Console) -> tuple[Generator, Any]:
     """(generator, tokenizer) for the config's engine."""
     from transformers import AutoTokenizer
 
     path = resolve_model(cfg.target, console)
+    device = "cuda" if cfg.device == "auto" and _cuda() else cfg.device
+    if cfg.dtype == "bfloat16" and (warning := bf16_warning(
+            "cpu" if device == "auto" else device, "--dtype bfloat16",
+            "pass --dtype float32")):
+        console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
     if cfg.engine == "vllm":
         from transformers import AutoConfig, GenerationConfig
 
@@ -359,8 +373,7 @@ def make_generator(cfg: DistillConfig, console: Console) -> tuple[Generator, Any
 
     from specdec.models import load_model
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" \
-        else cfg.device
+    device = "cpu" if device == "auto" else device
     dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     model, tokenizer = load_model(path, dtype=dtype, device=device)
     return TransformersGenerator(model, tokenizer, cfg.max_new_tokens, cfg.temperature,

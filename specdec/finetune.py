@@ -72,6 +72,7 @@ from specdec.distill import data_sha256
 from specdec.kd import OnlineTeacher, kd_losses, response_logits
 from specdec.models import (DEFAULT_TARGET, MANIFEST, ModelError, load_model, read_manifest,
                             resolve_model, save_checkpoint, write_json_atomic)
+from specdec.precision import bf16_warning
 from specdec.train_data import (DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_SEQ_LEN, Example,
                                 Selection, build_examples, collate, epoch_batches, special_ids)
 
@@ -531,6 +532,9 @@ def run(cfg: FinetuneConfig, console: Console | None = None,
     rank, world_size = world()
     console = console or Console(stderr=True)
     device = resolve_device(cfg.device)
+    if cfg.bf16 and rank == 0 and (warning := bf16_warning(
+            device.type, "--bf16 (autocast)", "drop --bf16 (fp32 is faster here)")):
+        console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
     out, ckpt = Path(cfg.out), ckpt_dir(cfg.out)
     draft_path = resolve_model(cfg.draft, console)
     draft_manifest = read_manifest(draft_path)

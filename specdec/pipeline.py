@@ -31,7 +31,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,8 @@ class Preset:
     k: int = 4
     # distillation backend: "auto" is vLLM when this interpreter or .venv-vllm has it (it runs
     # there), else transformers; vLLM generates in `vllm_dtype` (bf16: 176 tok/s on one core
-    # here, against 31 for batched transformers in fp32 on both cores)
+    # of an AVX-512 BF16 CPU, against 31 for batched transformers in fp32 on both cores; on a
+    # CPU without native bf16, `for_this_machine` makes this and bf16 autocast fp32)
     distill_engine: str = "auto"
     vllm_dtype: str = "bfloat16"
     vllm_batch_size: int = 128  # prompts per LLM.generate call (and per append to the output)
@@ -242,13 +243,34 @@ def write_original(distilled: Path, out: Path, source: str = "sharegpt") -> int:
     return len(wanted)
 
 
+def for_this_machine(preset: Preset, console: Console | None = None,
+                     bf16_fast: bool | None = None) -> Preset:
+    """The preset with bf16 only where it is fast (specdec.precision): on a CPU without native
+    bf16 its vLLM dtype and bf16 autocast become fp32, and one line says so."""
+    if bf16_fast is None:
+        import torch
+
+        from specdec.precision import bf16_is_fast
+
+        bf16_fast = torch.cuda.is_available() or bf16_is_fast("cpu")
+    changes: dict[str, Any] = {}
+    if not bf16_fast and preset.vllm_dtype == "bfloat16":
+        changes["vllm_dtype"] = "float32"
+    if not bf16_fast and preset.finetune.get("bf16"):
+        changes["finetune"] = {**preset.finetune, "bf16": False}
+    if changes and console is not None:
+        console.print("this CPU has no native bf16 (no avx512_bf16 / amx_bf16 flag), where bf16 "
+                      "runs 3-4x slower than fp32: distilling and healing in fp32")
+    return replace(preset, **changes) if changes else preset
+
+
 def run(cfg: PipelineConfig, console: Console | None = None) -> dict[str, Any]:
     from specdec import distill, finetune, prune
 
     console = console or Console()
     if cfg.preset not in PRESETS:
         raise ValueError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
-    preset = PRESETS[cfg.preset]
+    preset = for_this_machine(PRESETS[cfg.preset], console)
     names = [c.name for c in preset.cuts]
     unknown = sorted(set(cfg.cuts) - set(names))
     if unknown:
