@@ -9,8 +9,12 @@ max_new_tokens, which the distillation filter rejects as truncated).
 Both engines read a `Decoding` the same way: temperature 0 is greedy (top_p then unused);
 `repetition_penalty` is the CTRL penalty (arXiv 1909.05858) over every token of the prompt and
 of the answer so far (a positive logit divided by it, a negative one multiplied), which is what
-transformers' `repetition_penalty` and vLLM's `SamplingParams.repetition_penalty` both do;
-sampling is seeded per call (`seed`), so a rerun draws the same answers on the same engine.
+transformers' `repetition_penalty` and vLLM's `SamplingParams.repetition_penalty` both do.
+Because it counts the prompt, it also lowers the stop token (every chat-templated prompt holds
+one). `presence_penalty` and `frequency_penalty` are the OpenAI / vLLM additive penalties over
+the answer so far only (a logit minus presence x [seen] minus frequency x count), applied before
+temperature and top-p as vLLM does; transformers gets them from `AnswerPenalties`.
+Sampling is seeded per call (`seed`), so a rerun draws the same answers on the same engine.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ class Decoding:
     top_p: float = 1.0
     repetition_penalty: float = 1.0  # 1: none
     seed: int = 0
+    presence_penalty: float = 0.0  # answer tokens only; 0: none
+    frequency_penalty: float = 0.0  # answer tokens only; 0: none
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -40,6 +46,13 @@ class Decoding:
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (1: none), got "
                              f"{self.repetition_penalty}")
+        if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
+            raise ValueError(f"presence_penalty and frequency_penalty must be in [-2, 2] (0: none), "
+                             f"got {self.presence_penalty} and {self.frequency_penalty}")
+
+    @property
+    def answer_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -70,6 +83,35 @@ def stop_token_ids(config, generation_config, tokenizer) -> list[int]:
         raise ValueError("the model and tokenizer name no eos token; set eos_token_id in "
                          "generation_config.json")
     return sorted(ids)
+
+
+class AnswerPenalties:
+    """A transformers logits processor: vLLM's presence / frequency penalties over the tokens
+    after column `prompt_width` (the answer so far), then temperature and top-p (transformers
+    would run its own warpers before a custom processor, vLLM runs them after the penalties)."""
+
+    def __init__(self, prompt_width: int, d: Decoding):
+        self.prompt_width, self.d = prompt_width, d
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        d, answer = self.d, input_ids[:, self.prompt_width:]
+        scores = scores.float()
+        if answer.shape[1]:
+            counts = torch.zeros_like(scores).scatter_add_(
+                1, answer, torch.ones(answer.shape, dtype=scores.dtype, device=scores.device))
+            scores = scores - d.frequency_penalty * counts - d.presence_penalty * (counts > 0)
+        if d.temperature <= 0:
+            return scores
+        scores = scores / d.temperature
+        if d.top_p < 1:
+            sorted_scores, order = scores.sort(dim=-1, descending=True)
+            probs = sorted_scores.softmax(-1)
+            past = probs.cumsum(-1) - probs >= d.top_p  # the mass before it already reaches p
+            scores = scores.masked_fill(torch.zeros_like(past).scatter(1, order, past),
+                                        float("-inf"))
+        return scores
 
 
 class TransformersGenerator:
@@ -104,11 +146,18 @@ class TransformersGenerator:
         kwargs: dict[str, Any] = dict(do_sample=sample, max_new_tokens=d.max_new_tokens,
                                       pad_token_id=self.pad_id, eos_token_id=self.stop_ids,
                                       repetition_penalty=d.repetition_penalty, use_cache=True)
-        if sample:
+        if d.answer_penalties:  # penalties, temperature and top-p in vLLM's order
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList([AnswerPenalties(width, d)])
+            kwargs.update(temperature=1.0 if sample else None, top_p=None,
+                          top_k=0 if sample else None)
+        elif sample:
             kwargs.update(temperature=d.temperature, top_p=d.top_p, top_k=0)
-            torch.manual_seed(d.seed + self.calls)
         else:  # silence the checkpoint's sampling defaults under greedy
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        if sample:
+            torch.manual_seed(d.seed + self.calls)
         self.calls += 1
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids.to(device),
@@ -158,6 +207,8 @@ class VLLMGenerator:
         return self.SamplingParams(temperature=d.temperature,
                                    top_p=d.top_p if d.temperature > 0 else 1.0,
                                    repetition_penalty=d.repetition_penalty,
+                                   presence_penalty=d.presence_penalty,
+                                   frequency_penalty=d.frequency_penalty,
                                    max_tokens=d.max_new_tokens,
                                    seed=d.seed if self.per_request_seed else None,
                                    stop_token_ids=sorted(self.stop_ids) or None)

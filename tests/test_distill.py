@@ -8,12 +8,13 @@ import sys
 from collections import Counter
 
 import pytest
+import torch
 from rich.console import Console
 
 from conftest import save_tiny_chat_model, tiny_chat_tokenizer, write_chat_data
 from specdec import distill
 from specdec.distill import (Decoding, DistillConfig, Generation, TransformersGenerator,
-                             first_turns, rewrite_messages)
+                             first_turns, rewrite_messages, stop_token_ids)
 from specdec.filters import REASONS, final_number, is_math, reject_reason
 from specdec.models import load_model
 
@@ -200,7 +201,8 @@ def test_generated_text_is_kept_when_it_passes(tmp_path):
     assert recs[0]["attempt"] == 1 and "rejected" not in recs[0]
     assert recs[0]["decoding"] == {"mode": "regenerate", "max_new_tokens": 256,
                                    "temperature": 0.0, "top_p": 1.0,
-                                   "repetition_penalty": cfg.repetition_penalty, "seed": 0}
+                                   "repetition_penalty": 1.0, "seed": 0,
+                                   "presence_penalty": 0.0, "frequency_penalty": 0.3}
 
 
 def test_retry_and_decoding_provenance(tmp_path):
@@ -221,7 +223,8 @@ def test_retry_and_decoding_provenance(tmp_path):
     cfg = DistillConfig(out=str(tmp_path / "o.jsonl"), data=str(data), n=4, target="t",
                         max_new_tokens=32, repetition_penalty=1.1, retry_mode="regenerate",
                         retry_temperature=0.5, retry_top_p=0.9, retry_repetition_penalty=1.3,
-                        retry_max_new_tokens=48, max_prompt_tokens=60, seed=7)
+                        retry_max_new_tokens=48, max_prompt_tokens=60, seed=7,
+                        presence_penalty=0.25, retry_frequency_penalty=0.5)
     result = distill.run(cfg, generator=scripted, tokenizer=tok)
     first, retry = calls[0][1], calls[1][1]
     assert calls[0][0] == 4 and calls[1][0] == 2  # only the two rejected ones are retried
@@ -237,7 +240,7 @@ def test_retry_and_decoding_provenance(tmp_path):
     assert kept2["origin"] == "distilled" and kept2["attempt"] == 2 and kept2["reason"] is None
     assert kept2["decoding"] == {"mode": "regenerate", "max_new_tokens": 48,
                                  "temperature": 0.5, "top_p": 0.9, "repetition_penalty": 1.3,
-                                 "seed": 8}
+                                 "seed": 8, "presence_penalty": 0.0, "frequency_penalty": 0.5}
     assert [x["reason"] for x in kept2["rejected"]] == ["repetition"]
     assert kept2["generated_tokens"] == 6  # both attempts count
     lost = [r for r in recs.values() if r["origin"] == "fallback"]
@@ -248,7 +251,8 @@ def test_retry_and_decoding_provenance(tmp_path):
         if r["attempt"] == 1:
             assert r["decoding"] == {"mode": "rewrite", "max_new_tokens": 32,
                                      "temperature": 0.0, "top_p": 1.0,
-                                     "repetition_penalty": 1.1, "seed": 7}
+                                     "repetition_penalty": 1.1, "seed": 7,
+                                     "presence_penalty": 0.25, "frequency_penalty": 0.3}
     assert list(recs) == order
     s = result.summary
     assert [a["kept"] for a in s["attempts"]] == [2, 1]
@@ -259,9 +263,9 @@ def test_retry_and_decoding_provenance(tmp_path):
     assert s["first_attempt_reasons"]["truncated"] == 1
     assert s["reasons"]["repetition"] == 1 and s["fallback"] == 1
     # a rerun with other decoding settings cannot mix into the same file
-    other = dataclasses.replace(cfg, repetition_penalty=1.0)
-    with pytest.raises(ValueError, match="decoded with"):
-        distill.run(other, generator=scripted, tokenizer=tok)
+    for change in (dict(repetition_penalty=1.0), dict(presence_penalty=0.0)):
+        with pytest.raises(ValueError, match="decoded with"):
+            distill.run(dataclasses.replace(cfg, **change), generator=scripted, tokenizer=tok)
 
 
 def test_engines_read_a_decoding_alike(tiny_target):
@@ -290,10 +294,65 @@ def test_engines_read_a_decoding_alike(tiny_target):
     vllm_gen = object.__new__(distill.VLLMGenerator)  # no engine: only the settings mapping
     vllm_gen.SamplingParams, vllm_gen.stop_ids, vllm_gen.per_request_seed = dict, {2}, True
     assert vllm_gen.params(d) == dict(temperature=0.4, top_p=0.8, repetition_penalty=1.2,
+                                      presence_penalty=0.0, frequency_penalty=0.0,
                                       max_tokens=5, seed=3, stop_token_ids=[2])
+    assert vllm_gen.params(Decoding(presence_penalty=0.3, frequency_penalty=0.2))[
+        "presence_penalty"] == 0.3
     assert vllm_gen.params(Decoding(temperature=0.0, top_p=0.5))["top_p"] == 1.0
     with pytest.raises(ValueError, match="repetition_penalty"):
         Decoding(repetition_penalty=0)
+    with pytest.raises(ValueError, match="frequency_penalty"):
+        Decoding(frequency_penalty=3)
+
+
+def test_answer_penalties_spare_the_prompt_and_sample_like_vllm():
+    """Presence / frequency penalties count answer tokens only (the stop token in the prompt is
+    not lowered), and the processor's own temperature and top-p equal transformers' warpers."""
+    from transformers.generation.logits_process import (TemperatureLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    from specdec.generation import AnswerPenalties
+
+    torch.manual_seed(0)
+    scores = torch.randn(2, 10)
+    # prompt = columns 0..2 (token 9 is the "stop token" both prompts hold); answer after it
+    ids = torch.tensor([[9, 4, 4, 1, 1, 3], [9, 9, 9, 2, 5, 5]])
+    out = AnswerPenalties(3, Decoding(presence_penalty=0.5, frequency_penalty=0.25))(ids, scores)
+    want = scores.clone()
+    for row, answer in enumerate(([1, 1, 3], [2, 5, 5])):
+        for t in set(answer):
+            want[row, t] -= 0.5 + 0.25 * answer.count(t)
+    torch.testing.assert_close(out, want)
+    assert out[0, 9] == scores[0, 9] and out[0, 4] == scores[0, 4]  # prompt tokens untouched
+    # nothing generated yet: no penalty at all
+    torch.testing.assert_close(AnswerPenalties(6, Decoding(presence_penalty=1.0))(ids, scores),
+                               scores)
+    for top_p in (0.3, 0.9, 1.0):
+        d = Decoding(temperature=0.7, top_p=top_p)
+        mine = AnswerPenalties(6, d)(ids, scores)
+        theirs = TopPLogitsWarper(top_p)(ids, TemperatureLogitsWarper(0.7)(ids, scores.clone()))
+        assert torch.equal(torch.isinf(mine), torch.isinf(theirs))
+        torch.testing.assert_close(mine[~torch.isinf(mine)], theirs[~torch.isinf(theirs)])
+
+
+def test_answer_penalties_reach_generate(tiny_target):
+    """Greedy generation with a frequency penalty equals a hand-written loop that subtracts it."""
+    model, tok = load_model(tiny_target)
+    prompt, d = [1, 2, 3, 4], Decoding(max_new_tokens=8, frequency_penalty=2.0)
+    [g] = TransformersGenerator(model, tok, max_new_tokens=8)([prompt], d)
+    seq, counts = list(prompt), torch.zeros(model.config.vocab_size)
+    stops = set(stop_token_ids(model.config, model.generation_config, tok))
+    with torch.no_grad():
+        for _ in range(8):
+            logits = model(torch.tensor([seq])).logits[0, -1].float() - 2.0 * counts
+            t = int(logits.argmax())
+            if t in stops:
+                break
+            seq.append(t)
+            counts[t] += 1
+    assert g.token_ids == seq[len(prompt):]
+    [plain] = TransformersGenerator(model, tok, max_new_tokens=8)([prompt])
+    assert plain.token_ids != g.token_ids  # the penalty changed this greedy answer
 
 
 def test_vllm_engine_fails_clearly_without_vllm(tmp_path):
@@ -351,3 +410,17 @@ def test_run_in_another_interpreter_passes_the_config_and_reports_failure(tmp_pa
     with pytest.raises(RuntimeError, match="rerun the same command to continue"):
         distill.run_in(str(fake), cfg, console)
     assert distill.vllm_elsewhere(DistillConfig(out="d.jsonl")) is None  # transformers: here
+
+
+def test_records_from_before_the_answer_penalties_still_resume(tmp_path):
+    """A record written before presence / frequency penalties existed (its `decoding` lacks
+    them) resumes under settings that leave them off, and only those."""
+    old = DistillConfig(out=str(tmp_path / "o.jsonl"), target="t", repetition_penalty=1.1,
+                        frequency_penalty=0.0, retry_mode="none")
+    decoding = {"mode": "rewrite", "max_new_tokens": 256, "temperature": 0.0, "top_p": 1.0,
+                "repetition_penalty": 1.1, "seed": 0}
+    done = {"a": {"id": "a", "mode": "rewrite", "target": "t", "attempt": 1,
+                  "decoding": decoding}}
+    distill.check_resumable(done, old, tmp_path)  # same settings: no error
+    with pytest.raises(ValueError, match="decoded with"):
+        distill.check_resumable(done, dataclasses.replace(old, frequency_penalty=0.3), tmp_path)

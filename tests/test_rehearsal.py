@@ -286,7 +286,7 @@ def test_distill_prompts_eos_and_filters_with_the_llama3_template(tmp_path, targ
                         add_special_tokens=False)
     cfg = DistillConfig(out=str(tmp_path / "d.jsonl"), target="rehearsal", data=str(chats),
                         n=None, batch_size=3, max_new_tokens=6, max_prompt_tokens=200,
-                        retry_mode="none", repetition_penalty=1.0)  # plain decoding: EOS under test
+                        retry_mode="none", frequency_penalty=0.0)  # plain decoding: EOS under test
     result = distill.run(cfg, generator=recording, tokenizer=tok)
     assert len(seen) == len(CHATS)
     for prompt in seen:
@@ -309,7 +309,7 @@ def test_distill_prompts_eos_and_filters_with_the_llama3_template(tmp_path, targ
     run2 = distill.run(DistillConfig(out=str(tmp_path / "e.jsonl"), target="rehearsal",
                                      data=str(chats), n=1, max_new_tokens=12, mode="regenerate",
                                      max_prompt_tokens=200, retry_mode="none",
-                                     repetition_penalty=1.0),
+                                     frequency_penalty=0.0),
                        generator=TransformersGenerator(forced, tok, max_new_tokens=12),
                        tokenizer=tok)
     first = json.loads(run2.out.read_text().splitlines()[0])
