@@ -381,6 +381,8 @@ class GenerateConfig:
     enforce_eager: bool = True  # no torch.compile: minutes saved on a CPU
     seed: int = 0
     continue_tokens: int = 0  # also continue each output greedily this far, EOS ignored
+    batch1: bool = False  # one prompt at a time after a warm-up call: per-prompt seconds
+    ignore_eos: bool = False  # every output exactly --max-tokens long (latency runs)
     json: str | None = None
 
     def __post_init__(self) -> None:
@@ -451,18 +453,30 @@ def generate(cfg: GenerateConfig, console: Console | None = None) -> dict[str, A
     start = time.perf_counter()
     llm = LLM(**llm_kwargs(cfg, str(target_path), check))
     init_s = time.perf_counter() - start
-    start = time.perf_counter()
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids],
-                           SamplingParams(temperature=0.0, max_tokens=cfg.max_tokens))
-    gen_s = time.perf_counter() - start
+    params = SamplingParams(temperature=0.0, max_tokens=cfg.max_tokens,
+                            ignore_eos=cfg.ignore_eos)
+    seconds: list[float | None] = [None] * len(prompt_ids)
+    if cfg.batch1:  # the latency setting: a warm-up call, then each prompt alone, timed
+        llm.generate([TokensPrompt(prompt_token_ids=prompt_ids[0])], params, use_tqdm=False)
+        outputs = []
+        start = time.perf_counter()
+        for i, p in enumerate(prompt_ids):
+            t0 = time.perf_counter()
+            outputs += llm.generate([TokensPrompt(prompt_token_ids=p)], params, use_tqdm=False)
+            seconds[i] = time.perf_counter() - t0
+        gen_s = time.perf_counter() - start
+    else:
+        start = time.perf_counter()
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params)
+        gen_s = time.perf_counter() - start
     rows = []
-    for record, ids, out in zip(records, prompt_ids, outputs):
+    for record, ids, out, secs in zip(records, prompt_ids, outputs, seconds):
         completion = out.outputs[0]
         spec = completion.spec_decode_metrics
         rows.append({"id": record.id, "prompt_token_ids": ids,
                      "token_ids": [int(t) for t in completion.token_ids],
                      "text": completion.text, "finish_reason": completion.finish_reason,
-                     "spec": spec.to_dict() if spec is not None else None})
+                     "spec": spec.to_dict() if spec is not None else None, "seconds": secs})
     spec_counters = read_spec_metrics(llm.get_metrics()) if check else None
     if cfg.continue_tokens:  # what the target would say past the end (acceptance replay)
         more = llm.generate(
