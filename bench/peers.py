@@ -2,7 +2,7 @@
 
     python bench/peers.py                                   # 16 MT-Bench first turns x 128 tokens
     python bench/peers.py --prompts 4 --new-tokens 32 --grid float32:auto:eager
-    python bench/peers.py --grid float32:auto:compiled,bfloat16:0-1:compiled --out bench/results/peers
+    python bench/peers.py --grid float32:auto:compiled,bfloat16:0-1:compiled --out runs/peers
 
 Every engine decodes the same chat-templated MT-Bench first turns, one prompt at a time, exactly
 ``--new-tokens`` tokens (EOS ignored), greedy, after one warm-up call:

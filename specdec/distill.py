@@ -28,8 +28,8 @@ stops the greedy loops of a small target without lowering the stop token. The CT
 records: 37 loops -> 3), but it counts the prompt, which holds the stop token, so answers ran on
 to the length limit: on the same 128 records, kept 78% with it (first attempts: 44 cut off, 5
 loops) and 93% with the frequency penalty (20 cut off, 11 loops; presence 0.5 + frequency 0.1:
-91%). A generation the filter rejects gets one retry (--retry-mode rewrite: the same prompt sampled at temperature 0.7,
-top-p 0.9, with 1.5x the tokens; regenerate: the instruction alone; none: no retry), and only
+91%). A generation the filter rejects gets one retry (--retry-mode rewrite: the same prompt
+sampled at temperature 0.7, top-p 0.9, with 1.5x the tokens; regenerate: the instruction alone; none: no retry), and only
 then falls back to the original answer; kept 53% -> 86% there. Every generation goes through
 the filter; a rejected one falls back to the original answer and the record says so (`origin:
 "fallback"`, `reason`, and the text and reason of each rejected attempt in `rejected`). Each
@@ -536,10 +536,10 @@ def check_resumable(done: dict[str, dict[str, Any]], cfg: DistillConfig, where: 
                 f"{r.get('target')!r}, not {cfg.mode!r} / {cfg.target!r}: use another --out, "
                 f"or delete it to start over")
         attempt, decoding = r.get("attempt", 1), r.get("decoding")
-        if decoding is not None:  # settings added since the record was written had no effect
-            decoding = {**ANSWER_PENALTIES_OFF, **decoding}
-        if decoding is not None and (attempt > len(settings)
-                                     or settings[attempt - 1] != decoding):
+        if decoding is None:
+            continue
+        decoding = {**ANSWER_PENALTIES_OFF, **decoding}  # settings added since had no effect
+        if attempt > len(settings) or settings[attempt - 1] != decoding:
             raise ValueError(
                 f"{where} holds records decoded with {decoding} (attempt {attempt}), which "
                 f"this run's settings do not make: use another --out, or rerun with the same "

@@ -47,8 +47,9 @@ class Decoding:
             raise ValueError(f"repetition_penalty must be > 0 (1: none), got "
                              f"{self.repetition_penalty}")
         if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
-            raise ValueError(f"presence_penalty and frequency_penalty must be in [-2, 2] (0: none), "
-                             f"got {self.presence_penalty} and {self.frequency_penalty}")
+            raise ValueError(f"presence_penalty and frequency_penalty must be in [-2, 2] "
+                             f"(0: none), got {self.presence_penalty} and "
+                             f"{self.frequency_penalty}")
 
     @property
     def answer_penalties(self) -> bool:

@@ -45,7 +45,8 @@ log = {log!r}
 with open(log, "a") as f:
     f.write(json.dumps({{"argv": args, "bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
                          "reserved": os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU")}}) + "\\n")
-if "--dtype" in args and args[args.index("--dtype") + 1] == "bfloat16" and "--enforce-eager" in args:
+dtype = args[args.index("--dtype") + 1]
+if dtype == "bfloat16" and "--enforce-eager" in args:
     sys.exit("vLLM said no")
 n = int(args[args.index("-n") + 1])
 out = {{"vllm_version": "0.0-test", "seconds": {{"init": 3.0}},
