@@ -492,9 +492,13 @@ def verdict(result: dict[str, Any]) -> str:
            f"{top['k'] + 1} tokens v = {top['v']:.2f}, so a step must commit tau >= "
            f"{top['tau_for_parity']:.2f} tokens to break even (>= {top['tau_for_goal']:.2f} for "
            f"{GOAL}x); this draft commits {top['tau']:.2f}")
-    if speed >= 1:
-        return f"{head}: a speedup, because {why}."
-    return f"{head}: a slowdown, because {why}."
+    text = f"{head}: {'a speedup' if speed >= 1 else 'a slowdown'}, because {why}."
+    if any(not r.get("tokens_match", True) for r in measured):
+        text += (f" Not a lossless figure: some end-to-end outputs differ from the target "
+                 f"alone's ({result['config']['dtype']}: a (k + 1)-position verification "
+                 f"forward rounds differently from a 1-position one, so near-tied greedy "
+                 f"choices flip); --dtype fp32 gives identical tokens.")
+    return text
 
 
 def summary(result: dict[str, Any], out: Path) -> dict[str, Any]:

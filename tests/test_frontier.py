@@ -66,6 +66,12 @@ def test_choice_and_outputs(frontier, tmp_path):
     console = Console(record=True, width=220)
     console.print(frontier.table(result))
     assert "sd12*" in console.export_text()
+    assert "lossless" not in text
+    rows[1]["tokens_match"] = False  # e.g. a bf16 target: the verdict must say so
+    result["config"]["dtype"] = "bf16"
+    text = frontier.verdict(result)
+    assert "Not a lossless figure" in text and "bf16" in text
+    assert not frontier.summary(result, tmp_path / "g.json")["all_tokens_match"]
 
 
 def test_validate_errors(frontier, tmp_path):
