@@ -53,7 +53,8 @@ on a shared CPU box too.
 
 Output: `--out` (JSONL, one record a line, in data order: id, source, messages ending in the
 final answer, origin, reason, mode, target, math, attempt, decoding, generated_tokens over all
-attempts, and the rejected attempts), written atomically when complete, plus `<out>.summary.json`. While running, each
+attempts, and the rejected attempts), written atomically when complete, plus
+`<out>.summary.json`. While running, each
 finished batch is appended to `<out>.partial` and fsynced: an interrupted run loses at most the
 batch in flight, and a rerun with the same arguments skips every record already there.
 """
@@ -76,13 +77,13 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 from rich.table import Table
 
 from specdec.cli import config_from_args, config_parser, config_to_args
-from specdec.data import BUILTIN, DataError, LoadReport, chat_ids, iter_records, source_file
+from specdec.data import DataError, chat_ids
 from specdec.filters import REASONS, is_math, reject_reason
 from specdec.generation import (Decoding, Generation, Generator, TransformersGenerator,
                                 VLLMGenerator, stop_token_ids)
-from specdec.hub import SOURCES, file_sha256
 from specdec.models import DEFAULT_TARGET, resolve_model, write_json_atomic
 from specdec.precision import bf16_warning
+from specdec.turns import FirstTurn, data_sha256, first_turns
 
 MODES = ("rewrite", "regenerate")
 ENGINES = ("transformers", "vllm")
@@ -244,84 +245,6 @@ class DistillResult:
     out: Path
     summary_path: Path
     summary: dict[str, Any]
-
-
-# ---------------------------------------------------------------------------- records
-
-
-@dataclass
-class FirstTurn:
-    """One training example: the prompt up to the first user turn, and the original answer."""
-
-    id: str
-    source: str
-    prompt: list[dict[str, str]]  # system messages, then the first user turn
-    reference: str  # the original answer to the first user turn
-    category: str | None = None
-
-    @property
-    def instruction(self) -> str:
-        return self.prompt[-1]["content"]
-
-
-def first_turn(record) -> FirstTurn | str:
-    """The first turn of a Record, or the reason it has none ('not_first_turn', 'no_reference')."""
-    prompt = []
-    for i, m in enumerate(record.messages):
-        if m["role"] == "system":
-            prompt.append(m)
-            continue
-        if m["role"] != "user":
-            return "not_first_turn"  # a conversation part that starts mid-dialogue
-        prompt.append(m)
-        nxt = record.messages[i + 1] if i + 1 < len(record.messages) else None
-        if nxt is None or nxt["role"] != "assistant" or not nxt["content"].strip():
-            return "no_reference"
-        return FirstTurn(record.id, record.source, prompt, nxt["content"], record.category)
-    return "no_reference"
-
-
-def first_turns(source: str, tokenizer, n: int | None = None, split: str = "train",
-                max_prompt_tokens: int = 512, counts: Counter | None = None,
-                max_answer_tokens: int | None = None) -> list[FirstTurn]:
-    """The first n usable first turns of `source`, in data order.
-
-    Built-in sources are read in `split`; local files whole. Records that start mid-dialogue,
-    have no answer, whose chat-templated prompt exceeds `max_prompt_tokens`, or (if given)
-    whose answer exceeds `max_answer_tokens` are skipped and counted in `counts`. distill and finetune both select with this, so an SFT run on
-    `--data sharegpt --n N` trains on the same records that distill rewrote with `--n N`.
-    """
-    counts = counts if counts is not None else Counter()
-    report = LoadReport()
-    out: list[FirstTurn] = []
-    for record in iter_records(source, split=split if source in BUILTIN else "all",
-                               report=report):
-        turn = first_turn(record)
-        if isinstance(turn, str):
-            counts[turn] += 1
-            continue
-        if len(chat_ids(tokenizer, turn.prompt)) > max_prompt_tokens:
-            counts["prompt_too_long"] += 1
-            continue
-        if max_answer_tokens is not None and len(
-                tokenizer(turn.reference, add_special_tokens=False)["input_ids"]) \
-                > max_answer_tokens:
-            counts["answer_too_long"] += 1
-            continue
-        out.append(turn)
-        if n is not None and len(out) >= n:
-            break
-    if report.skipped:
-        counts["malformed"] += report.skipped
-    return out
-
-
-def data_sha256(source: str) -> str:
-    """The sha256 of a data source's file (pinned for built-ins, hashed for local files)."""
-    if source in SOURCES:
-        return SOURCES[source].sha256
-    path, _ = source_file(source)  # a clear DataError for a missing or unsupported file
-    return file_sha256(path)
 
 
 # ---------------------------------------------------------------------------- prompts

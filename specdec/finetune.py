@@ -68,7 +68,7 @@ from rich.table import Table
 from specdec import logit_cache
 from specdec.cli import config_from_args, config_parser
 from specdec.data import DataError
-from specdec.distill import data_sha256
+from specdec.turns import data_sha256
 from specdec.kd import OnlineTeacher, kd_losses, response_logits
 from specdec.models import (DEFAULT_TARGET, MANIFEST, ModelError, load_model, read_manifest,
                             resolve_model, save_checkpoint, write_json_atomic)

@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from specdec.cli import config_from_args, config_parser
 from specdec.data import DataError
-from specdec.distill import data_sha256
+from specdec.turns import data_sha256
 from specdec.hub import file_sha256
 from specdec.kd import TopK, response_logits, topk_of
 from specdec.models import DEFAULT_TARGET, ModelError, load_model, resolve_model, \

@@ -215,7 +215,7 @@ def jsonl_ids(path: Path) -> list[str]:
 def write_original(distilled: Path, out: Path, source: str = "sharegpt") -> int:
     """The distilled prompts with their original answers: the SFT baseline's data, same records."""
     from specdec.data import iter_records
-    from specdec.distill import FirstTurn, first_turn
+    from specdec.turns import FirstTurn, first_turn
 
     wanted = jsonl_ids(distilled)
     wanted_ids = set(wanted)

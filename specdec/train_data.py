@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from specdec.data import DataError, chat_ids
-from specdec.distill import first_turns
+from specdec.turns import first_turns
 
 DEFAULT_MAX_PROMPT_TOKENS = 512
 DEFAULT_MAX_SEQ_LEN = 1024
