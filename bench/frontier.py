@@ -158,7 +158,7 @@ def verify_costs(target, prompt: list[int], ks: list[int], reps: int) -> dict[st
 
     device = next(target.parameters()).device
     ids = torch.tensor([prompt], device=device)
-    kv = BatchKV(target, 1, device)
+    kv = BatchKV(target, 1, device, row_exact=True)  # verification as the engine runs it
     kv.forward(ids, logits_to_keep=1)
     ratios: dict[int, list[float]] = {k: [] for k in ks}
     base = []

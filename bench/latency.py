@@ -63,6 +63,7 @@ from rich.markup import escape
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
+ABLATIONS = ("hf-fwd", "batched-verify", "unpacked")  # method-name suffixes of the --ablation rows
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -83,7 +84,10 @@ class LatencyConfig:
     ks: str = ""  # "" = the draft's recommended k, else 1,2,3,4,6,8
     repeats: int = 2
     hf: bool = True  # also time Hugging Face generate / assisted generation
-    ablation: bool = False  # also time our engine with lean=False ("hf-fwd": HF's forward)
+    # also time our engine with lean=False ("hf-fwd": HF's forward), with one masked
+    # attention call per verification instead of the row-exact one ("batched-verify") and
+    # without the prepacked bf16 linears ("unpacked"; the same as ours in fp32)
+    ablation: bool = False
     cost_reps: int = 20  # pairs of forwards timed per measured cost ratio
     out: str = "bench/results/latency.json"
 
@@ -217,12 +221,13 @@ class Run:
 Method = Callable[[list[int], int], Run]  # (prompt, new tokens) -> Run
 
 
-def our_method(target, draft, k: int, lean: bool = True, draft_vocab=None) -> Method:
+def our_method(target, draft, k: int, lean: bool = True, draft_vocab=None,
+               row_exact: bool = True, pack: bool | None = None) -> Method:
     from specdec.decode.engine import SpeculativeEngine
     from specdec.decode.sampling import SamplingParams
 
-    engine = SpeculativeEngine(target, draft, k=max(k, 1), lean=lean,
-                               draft_vocab=draft_vocab if draft is not None else None)
+    engine = SpeculativeEngine(target, draft, k=max(k, 1), lean=lean, row_exact=row_exact,
+                               pack_linears=pack, draft_vocab=draft_vocab if draft is not None else None)
 
     def run(prompt: list[int], new_tokens: int) -> Run:
         params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
@@ -277,7 +282,8 @@ def measure_costs(target, draft, prompt: list[int], ks: list[int], reps: int,
     pairs = [("draft", 1)] + [("target", k + 1) for k in sorted(set(ks))]
     with torch.inference_mode():
         head = draft_vocab.sub_head(draft) if draft_vocab is not None else None
-        kvs = {"target": BatchKV(target, 1, device), "draft": BatchKV(draft, 1, device, head=head)}
+        kvs = {"target": BatchKV(target, 1, device, row_exact=True),  # as the engine verifies
+               "draft": BatchKV(draft, 1, device, head=head)}
         ids = torch.tensor([prompt], device=device)
         for kv in kvs.values():
             kv.forward(ids, logits_to_keep=1)
@@ -355,12 +361,17 @@ def run(cfg: LatencyConfig, console: Console | None = None) -> dict[str, Any]:
         methods["hf-generate"] = hf_method(target, None, 0, pad)
     if cfg.ablation:
         methods["ours-target hf-fwd"] = our_method(target, None, 0, lean=False)
+        methods["ours-target unpacked"] = our_method(target, None, 0, pack=False)
     for k in ks:
         methods[f"ours k={k}"] = our_method(target, draft, k, draft_vocab=vocab)
         if cfg.hf:
             methods[f"hf-assist k={k}"] = hf_method(target, draft, k, pad)
         if cfg.ablation:
             methods[f"ours k={k} hf-fwd"] = our_method(target, draft, k, lean=False)
+            methods[f"ours k={k} batched-verify"] = our_method(target, draft, k,
+                                                               draft_vocab=vocab, row_exact=False)
+            methods[f"ours k={k} unpacked"] = our_method(target, draft, k, draft_vocab=vocab,
+                                                         pack=False)
     names = list(methods)
 
     console.print(f"[bold]warm-up[/] ({len(names)} methods)")
@@ -505,7 +516,7 @@ def print_table(result: dict[str, Any], console: Console) -> None:
 def summary(result: dict[str, Any], out: Path) -> dict[str, Any]:
     rows = {r["method"]: r for r in result["rows"]}
     spec = [r for r in result["rows"]
-            if r["method"].startswith("ours k=") and not r["method"].endswith("hf-fwd")]
+            if r["method"].startswith("ours k=") and not r["method"].endswith(ABLATIONS)]
     best = max(spec, key=lambda r: r["tok_s"]) if spec else None
     s: dict[str, Any] = {
         "bench": "latency", "dtype": result["config"]["dtype"],

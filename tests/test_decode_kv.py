@@ -9,6 +9,8 @@ and a batch with holes (a 4D boolean mask).
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import make_tiny_llama
@@ -18,6 +20,7 @@ from transformers.cache_utils import DynamicLayer
 from specdec.decode.engine import SpeculativeEngine
 from specdec.decode.forward import LeanLlamaForward, hf_forward, lean_supported
 from specdec.decode.kv import BatchKV, SlabLayer, make_cache
+from specdec.decode.packed import packed, packing_supported
 from specdec.decode.sampling import SamplingParams
 
 
@@ -56,8 +59,15 @@ def test_slab_layer_matches_dynamic_layer():
     assert slab.get_seq_length() == 0 and slab.keys is None
 
 
-def test_lean_forward_is_bitwise_hf(model):
+@pytest.mark.parametrize("precision", ["fp32", "bf16-packed"])
+def test_lean_forward_is_bitwise_hf(model, precision):
+    """fp32; and bf16 with the linears prepacked for oneDNN (the default there, packed.py)."""
+    if precision == "bf16-packed":
+        model = copy.deepcopy(model).to(torch.bfloat16)
+        if packing_supported(model) is not None:
+            pytest.skip(packing_supported(model))
     lean, hf = LeanLlamaForward(model), hf_forward(model)
+    assert lean.pack == (precision == "bf16-packed")
     torch.manual_seed(1)
     with torch.inference_mode():
         slab, dyn = make_cache(model, 32), DynamicCache(config=model.config)
@@ -105,3 +115,101 @@ def test_lean_and_hf_engines_agree(model):
         lean = SpeculativeEngine(model, d, k=3).generate(prompts, params)
         hf = SpeculativeEngine(model, d, k=3, lean=False).generate(prompts, params)
         assert [r.token_ids for r in lean] == [r.token_ids for r in hf]
+
+
+def _one_by_one_vs_together(model, row_exact, prompt, tokens, chunk):
+    """Logits of `tokens` fed one slot per forward, and `chunk` slots per forward, after the
+    same prefill of `prompt` (batch 1, dense: the engine's verification shape)."""
+    cpu = torch.device("cpu")
+    single, together = BatchKV(model, 1, cpu, 256, row_exact=row_exact), \
+        BatchKV(model, 1, cpu, 256, row_exact=row_exact)
+    single.forward(prompt)
+    together.forward(prompt)
+    one = torch.cat([single.forward(tokens[:, j:j + 1]) for j in range(tokens.shape[1])], 1)
+    many = torch.cat([together.forward(tokens[:, s:s + chunk])
+                      for s in range(0, tokens.shape[1], chunk)], 1)
+    return one, many
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_row_exact_verification_is_one_token_forwards(dtype):
+    """row_exact: a (k + 1)-slot forward after a non-empty cache gives exactly the logits of
+    k + 1 one-slot forwards (bf16: bitwise; fp32 projections take another GEMM path for one
+    row, so there only to rounding), and the same values as the single masked sdpa call."""
+    model = make_tiny_llama(seed=5, num_layers=3, hidden_size=128, num_heads=4,
+                            num_kv_heads=2, intermediate_size=256).to(dtype)
+    torch.manual_seed(2)
+    prompt, tokens = torch.randint(0, 97, (1, 11)), torch.randint(0, 97, (1, 12))
+    with torch.inference_mode():
+        one, many = _one_by_one_vs_together(model, True, prompt, tokens, chunk=4)
+        _, plain = _one_by_one_vs_together(model, False, prompt, tokens, chunk=4)
+    tol = 5e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(plain.float(), many.float(), rtol=tol, atol=tol)
+    if dtype == torch.bfloat16:
+        assert torch.equal(one, many), f"max diff {(one.float() - many.float()).abs().max()}"
+    else:
+        torch.testing.assert_close(one, many, rtol=1e-5, atol=1e-5)
+
+
+def test_row_exact_with_a_mask_uses_each_rows_mask():
+    """Batched (a 4D mask with holes): slot j attends to what its mask row allows, over the
+    first W + j + 1 slots -- the same values as the single masked call."""
+    model = make_tiny_llama(seed=6, num_heads=4, num_kv_heads=2)
+    exact, plain = LeanLlamaForward(model, row_exact=True), LeanLlamaForward(model)
+    torch.manual_seed(3)
+    with torch.inference_mode():
+        caches = make_cache(model, 32), make_cache(model, 32)
+        ids = torch.randint(0, 97, (2, 6))
+        pos = torch.arange(6)[None].expand(2, 6)
+        for fwd, cache in zip((exact, plain), caches):
+            fwd(ids, None, pos, cache, 0)
+        valid = torch.rand(2, 9) > 0.3
+        valid[:, -3:] = True
+        causal = torch.arange(9)[None, :] <= torch.arange(6, 9)[:, None]
+        mask = valid[:, None, None, :] & causal[None, None]
+        ids = torch.randint(0, 97, (2, 3))
+        pos = valid.cumsum(1)[:, -3:] - 1
+        a, b = exact(ids, mask, pos, caches[0], 0), plain(ids, mask, pos, caches[1], 0)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_smollm2_bf16_verification_equals_target_alone(smollm2_path):
+    """SmolLM2 in bf16, the case that broke greedy identity before row_exact: 5-slot
+    verifications give bitwise the logits of one-token decoding, so a bf16 speculative decode
+    is token-identical to the bf16 target alone."""
+    from specdec.models import load_model
+
+    model, tok = load_model(smollm2_path, dtype=torch.bfloat16)
+    prompt = torch.tensor([tok.apply_chat_template(
+        [{"role": "user", "content": "Explain how a transformer language model works."}],
+        add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]])
+    params = SamplingParams(temperature=0, max_tokens=30)
+    with torch.inference_mode():
+        alone = SpeculativeEngine(model, None, tokenizer=tok).generate([prompt[0].tolist()],
+                                                                       params)[0].token_ids
+        one, many = _one_by_one_vs_together(model, True, prompt, torch.tensor([alone]), 5)
+        assert torch.equal(one, many), f"max diff {(one.float() - many.float()).abs().max()}"
+        # the target as its own draft: long runs of accepted drafts, every k + 1 slot verified
+        out = [SpeculativeEngine(model, model, k=k, tokenizer=tok).generate(
+            [prompt[0].tolist()], params)[0].token_ids for k in (1, 4)]
+    assert out == [alone, alone]
+
+
+def test_packed_linear_follows_weight_updates():
+    """A packed copy is rebuilt when the weight changes in place or is replaced, so an engine
+    never decodes with stale weights; fp32 models and GPU models are not packed."""
+    torch.manual_seed(4)
+    linear = torch.nn.Linear(32, 48).to(torch.bfloat16)
+    if packing_supported(linear) is not None:
+        pytest.skip(packing_supported(linear))
+    x = torch.randn(3, 32).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(packed(linear)(x), linear(x))
+    with torch.no_grad():
+        linear.weight.mul_(2)
+    with torch.inference_mode():
+        assert torch.equal(packed(linear)(x), linear(x))
+    linear.weight = torch.nn.Parameter(torch.randn(48, 32).to(torch.bfloat16))
+    with torch.inference_mode():
+        assert torch.equal(packed(linear)(x), linear(x))
+    assert "not bfloat16" in packing_supported(torch.nn.Linear(4, 4))

@@ -229,6 +229,14 @@ class SpeculativeEngine:
         whole vocabulary. The draft may also run in another dtype than the target (e.g. a bf16
         draft beside an fp32 target): only its tokens (and, sampling, its logits, compared in
         fp32) reach the verification.
+    row_exact: the target's verification forward computes each position's attention as its
+        one-token forward would (`forward.LeanLlamaForward`), so its logits equal the target
+        alone's bit for bit, not just to rounding: without it a bf16 verification rounds
+        differently from bf16 one-token decoding and flips near-tied greedy choices. Costs k
+        extra attention calls per layer and step; lean forward only.
+    pack_linears: run bf16 models' projections and head on weights prepacked for oneDNN
+        (`packed.py`: bitwise the same outputs, ~1.4x faster bf16 forwards on a CPU); None: on
+        wherever supported (a bf16 model on a CPU with oneDNN bf16), False: never.
     """
 
     def __init__(
@@ -242,6 +250,8 @@ class SpeculativeEngine:
         compact_threshold: int = 32,
         lean: bool = True,
         draft_vocab=None,
+        row_exact: bool = True,
+        pack_linears: bool | None = None,
     ):
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 64:
             raise ValueError(f"k must be an int in 1..64 (draft tokens per step), got {k!r}")
@@ -255,6 +265,8 @@ class SpeculativeEngine:
         self.tokenizer = tokenizer
         self.compact_threshold = compact_threshold
         self.lean = lean
+        self.row_exact = row_exact
+        self.pack_linears = pack_linears
         self.device = next(target.parameters()).device
         self.vocab_size = _vocab_size(target)
         if draft is not None:
@@ -354,8 +366,10 @@ class SpeculativeEngine:
         # slots a row can need: prompt, output, one step's drafts; plus holes when batched
         capacity = (max(len(p) for p in prompts) + max(sp.max_tokens for sp in params)
                     + 2 * (k_max + 1) + (self.compact_threshold if batch > 1 else 0))
-        tkv = BatchKV(self.target, batch, device, capacity, lean=self.lean)
-        dkv = (BatchKV(self.draft, batch, device, capacity, lean=self.lean, head=self._draft_head)
+        tkv = BatchKV(self.target, batch, device, capacity, lean=self.lean,
+                      row_exact=self.row_exact, pack=self.pack_linears)
+        dkv = (BatchKV(self.draft, batch, device, capacity, lean=self.lean, head=self._draft_head,
+                       pack=self.pack_linears)
                if self.draft is not None else None)
         self._prefill(prompts, tkv, dkv)
         last = [p[-1] for p in prompts]

@@ -19,6 +19,19 @@
   on the CPU grouped-query attention runs inside sdpa (``enable_gqa``, bitwise the same as
   repeating the KV heads first, tested) instead of copying the KV heads three times per layer.
 
+Row-exact attention (``row_exact=True``, what the engine's target uses): a forward of q > 1 new
+slots after a non-empty cache -- a verification -- computes each slot's attention as the
+one-token forward at that position would (one sdpa call per slot over exactly the slots before
+it), so its logits equal q one-token forwards bit for bit wherever the other ops are
+row-invariant (the projections, norms and MLP are, on this CPU, in fp32 and bf16: tested). A
+single masked sdpa call over all q slots does not give that: its softmax reduces over W + q
+keys (the masked ones as zeros) instead of W + j + 1, in another order, and in bf16 that flips
+near-tied greedy choices (tokens of a bf16 speculative decode differed from the target alone's
+before this). The price is q - 1 extra sdpa calls per layer.
+
+On a CPU in bf16 the projections and the head run on weights prepacked for oneDNN once
+(`packed.py`: the same kernel without a weight reorder per call, bitwise the same outputs).
+
 Anything else -- another architecture, eager or flash attention, a model with accelerate hooks,
 ``pretraining_tp`` > 1, a cache without slab layers -- uses `hf_forward`.
 """
@@ -87,12 +100,25 @@ class LeanLlamaForward:
     """``model(...)`` for a Llama decoder with a slab cache, minus Hugging Face's per-call
     overhead (see the module docstring). Same modules, same kernels, same logits."""
 
-    def __init__(self, model, head=None):
+    def __init__(self, model, head=None, row_exact: bool = False, pack: bool | None = None):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        from specdec.decode.packed import packed, packing_supported
 
         self.model = model
         self.decoder = model.get_decoder()
-        self.head = head if head is not None else model.lm_head  # a trimmed draft head or the LM head
+        head = head if head is not None else model.lm_head  # a trimmed draft head or the LM head
+        # pack: bf16 linears prepacked for oneDNN (packed.py; bitwise the same outputs);
+        # None: wherever supported
+        self.pack = packing_supported(model) is None if pack is None else pack
+        linear = packed if self.pack else (lambda module: module)
+        self.head = linear(head)
+        names = ("q_proj", "k_proj", "v_proj", "o_proj")
+        self.projections = [
+            [linear(getattr(layer.self_attn, n)) for n in names]
+            + [linear(getattr(layer.mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")]
+            for layer in self.decoder.layers[: model.config.num_hidden_layers]
+        ] if self.pack else None
         self.apply_rotary_pos_emb = apply_rotary_pos_emb
         config = model.config
         self.num_layers = config.num_hidden_layers
@@ -100,6 +126,7 @@ class LeanLlamaForward:
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.groups = self.num_heads // self.num_kv_heads
+        self.row_exact = row_exact
 
     def __call__(self, input_ids, attention_mask, position_ids, cache, logits_to_keep: int = 0):
         decoder = self.decoder
@@ -114,31 +141,56 @@ class LeanLlamaForward:
             mask = (torch.arange(kv, device=hidden.device)[None, :]
                     <= torch.arange(past, kv, device=hidden.device)[:, None])[None, None]
         is_causal = mask is None and q > 1  # prefill into an empty cache
+        rows = self.row_exact and q > 1 and past > 0  # a verification, slot by slot
         gqa = self.groups > 1 and (mask is None or hidden.device.type == "cpu")
         shape = (batch, q, -1, self.head_dim)
         for i, layer in enumerate(decoder.layers[: self.num_layers]):
             attn = layer.self_attn
             residual = hidden
             x = layer.input_layernorm(hidden)
-            query = attn.q_proj(x).view(shape).transpose(1, 2)
-            key = attn.k_proj(x).view(shape).transpose(1, 2)
-            value = attn.v_proj(x).view(shape).transpose(1, 2)
+            q_proj, k_proj, v_proj, o_proj, *mlp = (
+                self.projections[i] if self.pack else (attn.q_proj, attn.k_proj, attn.v_proj,
+                                                       attn.o_proj))
+            query = q_proj(x).view(shape).transpose(1, 2)
+            key = k_proj(x).view(shape).transpose(1, 2)
+            value = v_proj(x).view(shape).transpose(1, 2)
             query, key = self.apply_rotary_pos_emb(query, key, cos, sin)
             key, value = layers[i].update(key, value)
             if self.groups > 1 and not gqa:
                 key = _repeat_kv(key, self.groups)
                 value = _repeat_kv(value, self.groups)
-            out = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=mask, dropout_p=0.0, scale=attn.scaling,
-                is_causal=is_causal, enable_gqa=gqa,
-            )
+            if rows:
+                out = torch.cat([self._attend_row(query, key, value, attention_mask, past, j,
+                                                  attn.scaling, gqa) for j in range(q)], dim=2)
+            else:
+                out = F.scaled_dot_product_attention(
+                    query, key, value, attn_mask=mask, dropout_p=0.0, scale=attn.scaling,
+                    is_causal=is_causal, enable_gqa=gqa,
+                )
             out = out.transpose(1, 2).contiguous().reshape(batch, q, -1).contiguous()
-            hidden = residual + attn.o_proj(out)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = residual + o_proj(out)
+            x = layer.post_attention_layernorm(hidden)
+            if mlp:  # LlamaMLP's own computation, through the packed projections
+                gate, up, down = mlp
+                hidden = hidden + down(layer.mlp.act_fn(gate(x)) * up(x))
+            else:
+                hidden = hidden + layer.mlp(x)
         hidden = decoder.norm(hidden)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.head(hidden)
+
+    @staticmethod
+    def _attend_row(query, key, value, attention_mask, past: int, j: int, scale: float,
+                    gqa: bool) -> torch.Tensor:
+        """Slot j's attention exactly as a one-token forward at width `past` + j computes it:
+        over the first past + j + 1 cache slots, with the caller's mask row (None when dense)."""
+        end = past + j + 1
+        row_mask = None if attention_mask is None else attention_mask[..., j:j + 1, :end]
+        return F.scaled_dot_product_attention(
+            query[:, :, j:j + 1], key[:, :, :end], value[:, :, :end], attn_mask=row_mask,
+            dropout_p=0.0, scale=scale, is_causal=False, enable_gqa=gqa,
+        )
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -147,9 +199,12 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
 
 
-def model_forward(model, lean: bool = True, head=None) -> Forward:
+def model_forward(model, lean: bool = True, head=None, row_exact: bool = False,
+                  pack: bool | None = None) -> Forward:
     """The fastest forward that computes exactly what ``model(...)`` computes (with `head`: the
-    final hidden states through `head`, e.g. a trimmed draft vocabulary's sub-head)."""
+    final hidden states through `head`, e.g. a trimmed draft vocabulary's sub-head; with
+    `row_exact`: verifications slot by slot, see the module docstring; `pack`: bf16 linears
+    prepacked for oneDNN, None = where supported, `packed.py` -- both lean forward only)."""
     if lean and lean_supported(model) is None:
-        return LeanLlamaForward(model, head)
+        return LeanLlamaForward(model, head, row_exact=row_exact, pack=pack)
     return hf_forward(model, head)

@@ -178,7 +178,8 @@ def make_cache(model, capacity: int = 0) -> DynamicCache:
 
 class BatchKV:
     def __init__(self, model, batch: int, device: torch.device, capacity: int = 0,
-                 lean: bool = True, head=None):
+                 lean: bool = True, head=None, row_exact: bool = False,
+                 pack: bool | None = None):
         self.model = model
         self.cache = make_cache(model, capacity)
         self.device = device
@@ -198,8 +199,11 @@ class BatchKV:
         slab = bool(layers) and all(isinstance(layer, SlabLayer) for layer in layers)
         # the lean forward takes 4D boolean masks (sdpa's); it is used only where they are built
         # head: a module replacing the model's LM head (a trimmed draft vocabulary's sub-head)
+        # row_exact: a q-slot forward's logits equal q one-slot forwards' (the target's, so that
+        # verification sees exactly what decoding the target alone computes; forward.py)
         self._forward = model_forward(model, lean=lean and slab and self.mask_4d
-                                      and not self.additive_mask, head=head)
+                                      and not self.additive_mask, head=head, row_exact=row_exact,
+                                      pack=pack)
 
     @property
     def width(self) -> int:
