@@ -154,11 +154,12 @@ def _forward_seconds(kv, ids: torch.Tensor, q: int) -> float:
 @torch.inference_mode()
 def verify_costs(target, prompt: list[int], ks: list[int], reps: int) -> dict[str, Any]:
     """v(k) = t(target, k + 1 tokens) / t(target, 1 token): medians of paired ratios."""
+    from specdec.decode.forward import row_exact_default
     from specdec.decode.kv import BatchKV
 
     device = next(target.parameters()).device
     ids = torch.tensor([prompt], device=device)
-    kv = BatchKV(target, 1, device, row_exact=True)  # verification as the engine runs it
+    kv = BatchKV(target, 1, device, row_exact=row_exact_default(target))  # as the engine verifies
     kv.forward(ids, logits_to_keep=1)
     ratios: dict[int, list[float]] = {k: [] for k in ks}
     base = []

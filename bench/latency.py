@@ -66,7 +66,8 @@ from rich.markup import escape
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
-ABLATIONS = ("hf-fwd", "batched-verify", "unpacked")  # method-name suffixes of the --ablation rows
+# method-name suffixes of the --ablation rows (verification: the one the engine does not use)
+ABLATIONS = ("hf-fwd", "batched-verify", "row-exact-verify", "unpacked")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -225,7 +226,7 @@ Method = Callable[[list[int], int], Run]  # (prompt, new tokens) -> Run
 
 
 def our_method(target, draft, k: int, lean: bool = True, draft_vocab=None,
-               row_exact: bool = True, pack: bool | None = None) -> Method:
+               row_exact: bool | None = None, pack: bool | None = None) -> Method:
     from specdec.decode.engine import SpeculativeEngine
     from specdec.decode.sampling import SamplingParams
 
@@ -279,13 +280,15 @@ def measure_costs(target, draft, prompt: list[int], ks: list[int], reps: int,
     as the median over pairs of the ratio within a pair, so a load change between pairs
     cancels out and no forward's position in a round biases another. With `draft_vocab` the
     draft's forward ends in its trimmed head, as in the engine."""
+    from specdec.decode.forward import row_exact_default
     from specdec.decode.kv import BatchKV
 
     device = next(target.parameters()).device
+    exact = row_exact_default(target)  # verification as the engine runs it
     pairs = [("draft", 1)] + [("target", k + 1) for k in sorted(set(ks))]
     with torch.inference_mode():
         head = draft_vocab.sub_head(draft) if draft_vocab is not None else None
-        kvs = {"target": BatchKV(target, 1, device, row_exact=True),  # as the engine verifies
+        kvs = {"target": BatchKV(target, 1, device, row_exact=exact),
                "draft": BatchKV(draft, 1, device, head=head)}
         ids = torch.tensor([prompt], device=device)
         for kv in kvs.values():
@@ -371,8 +374,10 @@ def run(cfg: LatencyConfig, console: Console | None = None) -> dict[str, Any]:
             methods[f"hf-assist k={k}"] = hf_method(target, draft, k, pad)
         if cfg.ablation:
             methods[f"ours k={k} hf-fwd"] = our_method(target, draft, k, lean=False)
-            methods[f"ours k={k} batched-verify"] = our_method(target, draft, k,
-                                                               draft_vocab=vocab, row_exact=False)
+            # the verification the engine does not use by default for this dtype
+            exact = not row_exact_default(target)
+            methods[f"ours k={k} {'row-exact' if exact else 'batched'}-verify"] = our_method(
+                target, draft, k, draft_vocab=vocab, row_exact=exact)
             methods[f"ours k={k} unpacked"] = our_method(target, draft, k, draft_vocab=vocab,
                                                          pack=False)
     names = list(methods)

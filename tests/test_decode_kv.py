@@ -20,7 +20,13 @@ from transformers.cache_utils import DynamicLayer
 from specdec.decode.engine import SpeculativeEngine
 from specdec.decode.forward import LeanLlamaForward, hf_forward, lean_supported
 from specdec.decode.kv import BatchKV, SlabLayer, make_cache
-from specdec.decode.packed import packed, packing_supported
+from specdec.decode.packed import (
+    WEIGHT_MAJOR_ROWS,
+    packed,
+    packing_supported,
+    weight_major,
+    weight_major_supported,
+)
 from specdec.decode.sampling import SamplingParams
 
 
@@ -59,15 +65,26 @@ def test_slab_layer_matches_dynamic_layer():
     assert slab.get_seq_length() == 0 and slab.keys is None
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16-packed"])
+@pytest.mark.parametrize("precision", ["fp32-plain", "fp32-weight-major", "bf16-packed"])
 def test_lean_forward_is_bitwise_hf(model, precision):
-    """fp32; and bf16 with the linears prepacked for oneDNN (the default there, packed.py)."""
+    """fp32 with plain linears (pack=False); fp32 with the few-row weight-major path (the
+    default on a CPU, packed.py): bitwise where one row goes through a linear, to rounding
+    where 2-16 do; bf16 with the linears prepacked for oneDNN (the default there)."""
     if precision == "bf16-packed":
         model = copy.deepcopy(model).to(torch.bfloat16)
         if packing_supported(model) is not None:
             pytest.skip(packing_supported(model))
-    lean, hf = LeanLlamaForward(model), hf_forward(model)
+    lean = LeanLlamaForward(model, pack=False if precision == "fp32-plain" else None)
+    hf = hf_forward(model)
     assert lean.pack == (precision == "bf16-packed")
+    assert lean.weight_major == (precision == "fp32-weight-major")
+
+    def same(a, b):  # weight-major: batch 2 x q tokens is 2q rows, equal to rounding
+        if precision != "fp32-weight-major":
+            return torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        return True
+
     torch.manual_seed(1)
     with torch.inference_mode():
         slab, dyn = make_cache(model, 32), DynamicCache(config=model.config)
@@ -77,9 +94,9 @@ def test_lean_forward_is_bitwise_hf(model, precision):
             pos = torch.arange(width, width + q)[None].expand(2, q)
             a = lean(ids, None, pos, slab, 0)
             b = hf(ids, None, pos, dyn, 0)
-            assert torch.equal(a, b), f"q={q}: max diff {(a - b).abs().max()}"
-            assert torch.equal(lean(ids[:, -1:], None, pos[:, -1:] + q, slab, 1),
-                               hf(ids[:, -1:], None, pos[:, -1:] + q, dyn, 1))
+            assert same(a, b), f"q={q}: max diff {(a - b).abs().max()}"
+            assert same(lean(ids[:, -1:], None, pos[:, -1:] + q, slab, 1),
+                        hf(ids[:, -1:], None, pos[:, -1:] + q, dyn, 1))
             slab.crop(-1)
             dyn.crop(-1)
             width += q
@@ -90,7 +107,7 @@ def test_lean_forward_is_bitwise_hf(model, precision):
         mask = valid[:, None, None, :] & causal[None, None]
         ids = torch.randint(0, 97, (2, 3))
         pos = valid.cumsum(1)[:, -3:] - 1
-        assert torch.equal(lean(ids, mask, pos, slab, 0), hf(ids, mask, pos, dyn, 0))
+        assert same(lean(ids, mask, pos, slab, 0), hf(ids, mask, pos, dyn, 0))
 
 
 def test_forward_choice(model):
@@ -213,3 +230,27 @@ def test_packed_linear_follows_weight_updates():
     with torch.inference_mode():
         assert torch.equal(packed(linear)(x), linear(x))
     assert "not bfloat16" in packing_supported(torch.nn.Linear(4, 4))
+
+
+def test_weight_major_linear():
+    """fp32 weight-major: one row and long prefills are ``linear(x)`` bitwise, 2-16 rows equal
+    it to rounding; it follows a replaced weight; other modules pass through unchanged."""
+    torch.manual_seed(4)
+    linear = torch.nn.Linear(96, 200, bias=True)
+    fast = weight_major(linear)
+    lo, hi = WEIGHT_MAJOR_ROWS
+    with torch.inference_mode():
+        for rows in (1, lo, 5, hi, hi + 1, 40):
+            x = torch.randn(1, rows, 96)
+            if lo <= rows <= hi:
+                torch.testing.assert_close(fast(x), linear(x), rtol=1e-5, atol=1e-5)
+            else:
+                assert torch.equal(fast(x), linear(x))
+            assert fast(x).shape == (1, rows, 200) and fast(x).is_contiguous()
+        linear.weight = torch.nn.Parameter(torch.randn(200, 96))
+        x = torch.randn(3, 96)
+        torch.testing.assert_close(fast(x), linear(x), rtol=1e-5, atol=1e-5)
+    other = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    assert weight_major(other) is other
+    assert weight_major_supported(torch.nn.Linear(4, 4)) is None
+    assert "not float32" in weight_major_supported(other)

@@ -78,6 +78,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specdec.decode.detok import IncrementalDetokenizer
+from specdec.decode.forward import row_exact_default
 from specdec.decode.kv import BatchKV
 from specdec.decode.sampling import (
     STREAM_DRAFT,
@@ -233,10 +234,14 @@ class SpeculativeEngine:
         one-token forward would (`forward.LeanLlamaForward`), so its logits equal the target
         alone's bit for bit, not just to rounding: without it a bf16 verification rounds
         differently from bf16 one-token decoding and flips near-tied greedy choices. Costs k
-        extra attention calls per layer and step; lean forward only.
-    pack_linears: run bf16 models' projections and head on weights prepacked for oneDNN
-        (`packed.py`: bitwise the same outputs, ~1.4x faster bf16 forwards on a CPU); None: on
-        wherever supported (a bf16 model on a CPU with oneDNN bf16), False: never.
+        extra attention calls per layer and step; lean forward only. None: on for bf16 / fp16
+        targets, off for fp32 ones, where it buys nothing (`forward.row_exact_default`).
+    pack_linears: faster linears where this machine has them (`packed.py`), for target and
+        draft alike: bf16 projections and head on weights prepacked for oneDNN (bitwise the
+        same outputs, ~1.4x faster bf16 forwards on a CPU), fp32 ones computed weight-major
+        for the 2-16 rows of a verification (v(1) ~1.8 -> ~1.2 on an AVX2 CPU; one-row
+        products unchanged). None: wherever supported; False: never (every linear as
+        ``model(...)`` computes it).
     """
 
     def __init__(
@@ -250,7 +255,7 @@ class SpeculativeEngine:
         compact_threshold: int = 32,
         lean: bool = True,
         draft_vocab=None,
-        row_exact: bool = True,
+        row_exact: bool | None = None,
         pack_linears: bool | None = None,
     ):
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 64:
@@ -265,7 +270,7 @@ class SpeculativeEngine:
         self.tokenizer = tokenizer
         self.compact_threshold = compact_threshold
         self.lean = lean
-        self.row_exact = row_exact
+        self.row_exact = row_exact_default(target) if row_exact is None else row_exact
         self.pack_linears = pack_linears
         self.device = next(target.parameters()).device
         self.vocab_size = _vocab_size(target)

@@ -27,7 +27,8 @@ row-invariant (the projections, norms and MLP are, on this CPU, in fp32 and bf16
 single masked sdpa call over all q slots does not give that: its softmax reduces over W + q
 keys (the masked ones as zeros) instead of W + j + 1, in another order, and in bf16 that flips
 near-tied greedy choices (tokens of a bf16 speculative decode differed from the target alone's
-before this). The price is q - 1 extra sdpa calls per layer.
+before this). The price is q - 1 extra sdpa calls per layer, so the engine turns it on by
+default only where it buys that bitwise identity: bf16 and fp16 (`row_exact_default`).
 
 On a CPU in bf16 the projections and the head run on weights prepacked for oneDNN once
 (`packed.py`: the same kernel without a weight reorder per call, bitwise the same outputs).
@@ -103,22 +104,30 @@ class LeanLlamaForward:
     def __init__(self, model, head=None, row_exact: bool = False, pack: bool | None = None):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-        from specdec.decode.packed import packed, packing_supported
+        from specdec.decode.packed import (
+            packed,
+            packing_supported,
+            weight_major,
+            weight_major_supported,
+        )
 
         self.model = model
         self.decoder = model.get_decoder()
         head = head if head is not None else model.lm_head  # a trimmed draft head or the LM head
-        # pack: bf16 linears prepacked for oneDNN (packed.py; bitwise the same outputs);
-        # None: wherever supported
+        # pack: bf16 linears prepacked for oneDNN (packed.py; bitwise the same outputs); None:
+        # wherever supported, and fp32 CPU models take the weight-major few-row path instead
+        # (packed.py; one-row products unchanged); False: every linear as the module computes it
         self.pack = packing_supported(model) is None if pack is None else pack
-        linear = packed if self.pack else (lambda module: module)
+        self.weight_major = pack is None and not self.pack and weight_major_supported(model) is None
+        linear = (packed if self.pack else weight_major if self.weight_major
+                  else (lambda module: module))
         self.head = linear(head)
         names = ("q_proj", "k_proj", "v_proj", "o_proj")
         self.projections = [
             [linear(getattr(layer.self_attn, n)) for n in names]
             + [linear(getattr(layer.mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")]
             for layer in self.decoder.layers[: model.config.num_hidden_layers]
-        ] if self.pack else None
+        ] if self.pack or self.weight_major else None
         self.apply_rotary_pos_emb = apply_rotary_pos_emb
         config = model.config
         self.num_layers = config.num_hidden_layers
@@ -149,8 +158,8 @@ class LeanLlamaForward:
             residual = hidden
             x = layer.input_layernorm(hidden)
             q_proj, k_proj, v_proj, o_proj, *mlp = (
-                self.projections[i] if self.pack else (attn.q_proj, attn.k_proj, attn.v_proj,
-                                                       attn.o_proj))
+                self.projections[i] if self.projections is not None
+                else (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
             query = q_proj(x).view(shape).transpose(1, 2)
             key = k_proj(x).view(shape).transpose(1, 2)
             value = v_proj(x).view(shape).transpose(1, 2)
@@ -191,6 +200,15 @@ class LeanLlamaForward:
             query[:, :, j:j + 1], key[:, :, :end], value[:, :, :end], attn_mask=row_mask,
             dropout_p=0.0, scale=scale, is_causal=False, enable_gqa=gqa,
         )
+
+
+def row_exact_default(model) -> bool:
+    """Whether the engine verifies `model`'s tokens row-exactly by default: where it buys bitwise
+    identity with one-token decoding -- bf16 / fp16, whose projections, norms and MLP are
+    row-invariant on the CPU -- and not in fp32, whose one-row and few-row matrix products take
+    different paths anyway (equal to rounding, as they always were), so there the k extra
+    attention calls per layer would buy nothing."""
+    return next(model.parameters()).dtype != torch.float32
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

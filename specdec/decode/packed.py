@@ -1,4 +1,6 @@
-"""bf16 linear layers with their weights prepacked for oneDNN, for the lean forward on a CPU.
+"""Faster linear layers for the lean forward on a CPU: bf16 prepacked for oneDNN, fp32 weight-major.
+
+**bf16, prepacked** (`packed`).
 
 ``F.linear`` on a bf16 CPU tensor already runs oneDNN's matmul, but reorders the weight into
 oneDNN's blocked layout on every call; for the batch-1 shapes of decoding that reorder is about
@@ -35,6 +37,39 @@ def packing_supported(model: nn.Module) -> str | None:
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return "oneDNN has no bf16 kernels on this CPU"
     return None
+
+
+WEIGHT_MAJOR_ROWS = (2, 16)  # rows (tokens) for which weight_major takes the (W @ x^T)^T path
+
+
+def weight_major_supported(model: nn.Module) -> str | None:
+    """None when `model`'s fp32 linears take the weight-major few-row path here, else why not."""
+    weight = next(model.parameters())
+    if weight.device.type != "cpu":
+        return f"the model is on {weight.device.type}, not the CPU"
+    if weight.dtype != torch.float32:
+        return f"the model is {weight.dtype}, not float32"
+    return None
+
+
+def weight_major(linear: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> linear(x): for 2-16 rows as ``(W @ x^T)^T`` (see the module docstring), else
+    ``linear(x)`` itself. Modules that are not fp32 ``nn.Linear`` (e.g. `specdec.quant`'s int8
+    linears) are returned unchanged."""
+    if type(linear) is not nn.Linear or linear.weight.dtype != torch.float32:
+        return linear
+    lo, hi = WEIGHT_MAJOR_ROWS
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if not lo <= rows <= hi:
+            return linear(x)
+        out = torch.mm(linear.weight, x.reshape(rows, x.shape[-1]).t()).t()  # [rows, out]
+        if linear.bias is not None:
+            out = out + linear.bias
+        return out.contiguous().view(*x.shape[:-1], out.shape[-1])
+
+    return forward
 
 
 def packed(linear: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:

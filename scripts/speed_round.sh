@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The drafts of the README's "int8 drafts" frontier, made on an AVX2-only CPU (fp32 throughout:
+# no native bf16 there): prune drop 6 and keep 12, distill 384 ShareGPT first turns with vLLM
+# in fp32, heal SFT and self-distilled drafts with one recipe per cut. Every stage skips or
+# resumes when it has already run, so the script can be rerun after an interruption.
+#
+#   bash scripts/speed_round.sh            # ~50 min on a 2-core box (installs .venv-vllm first)
+#
+# One job at a time on one thread (vLLM pins itself to one core), so the other core stays free.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+P="${PYTHON:-.venv/bin/python}"
+H=runs/speed
+D=$H/distilled-384.jsonl
+O=$H/original-384.jsonl
+export OMP_NUM_THREADS=1
+
+bash scripts/install_vllm.sh
+[[ -f $H/keep12/pruned/specdec.json ]] || \
+    $P -m specdec.prune --keep 12 --start 3 --select angular --out $H/keep12/pruned
+[[ -f $H/drop6/pruned/specdec.json ]] || \
+    $P -m specdec.prune --drop 6 --start 12 --select angular --out $H/drop6/pruned
+[[ -f $D ]] || $P -m specdec.distill --engine vllm --dtype float32 --n 384 \
+    --max-answer-tokens 192 --batch-size 128 --vllm-kv-cache-gib 3 --out $D
+[[ -f $O ]] || $P -c "from pathlib import Path; from specdec.pipeline import write_original; \
+write_original(Path('$D'), Path('$O'))"
+
+R="--full --n 384 --epochs 1 --batch-size 16 --micro-batch-size 8 --max-seq-len 384 \
+--max-answer-tokens 192 --freeze-below-cut --eval-every 8 --eval-n 40 --eval-max-new-tokens 64"
+ft() {  # ft OUT ARGS...: one fine-tune, skipped once its checkpoint is complete
+    local out=$1; shift
+    grep -qs '"stage": "finetune"' "$out/specdec.json" && return 0
+    mkdir -p "$(dirname "$out")"
+    $P -m specdec.finetune $R "$@" --out "$out" > "$out.log" 2>&1
+}
+ft $H/drop6/sd --draft $H/drop6/pruned --data $D --lr 1e-4
+ft $H/drop6/sft --draft $H/drop6/pruned --data $O --lr 1e-4
+ft $H/keep12/sd --draft $H/keep12/pruned --data $D --lr 3e-4
+ft $H/keep12/sft --draft $H/keep12/pruned --data $O --lr 3e-4
+echo "speed round: drafts ready under $H"
