@@ -87,9 +87,9 @@ class DraftVocab:
 
     # ------------------------------------------------------------------ heads
 
-    def sub_head(self, model) -> nn.Linear:
+    def sub_head(self, model) -> nn.Module:
         """A Linear over the subset: the rows of `model`'s output head for these ids (a copy:
-        N x d, made once; the full head stays as it is)."""
+        N x d, made once; the full head stays as it is; int8 for an int8 draft)."""
         head = model.get_output_embeddings()
         weight = head.weight
         if weight.shape[0] != self.vocab_size:
@@ -105,7 +105,9 @@ class DraftVocab:
             if bias is not None:
                 sub.bias.copy_(bias.index_select(0, ids))
         sub.requires_grad_(False)
-        return sub
+        from specdec.quant import like_head
+
+        return like_head(head, sub)  # int8 when the draft's head is (specdec.quant)
 
     def scatter(self, sub_logits: torch.Tensor) -> torch.Tensor:
         """[..., n] logits over the subset -> [..., vocab_size], -inf outside it (draft_probs = 0)."""

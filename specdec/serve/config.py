@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from specdec.models import DEFAULT_TARGET
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DRAFT_DTYPES = DTYPES + ("int8",)  # int8: the draft's linears quantized at load (specdec.quant)
 
 
 @dataclass
@@ -31,7 +32,8 @@ class ServeConfig:
     dtype: str = field(default="auto", metadata={
         "choices": DTYPES, "help": "weights' dtype (auto: bf16 on CUDA, fp32 on the CPU)"})
     draft_dtype: str = field(default="auto", metadata={
-        "choices": DTYPES, "help": "the draft's dtype (auto: its recommended one, else --dtype)"})
+        "choices": DRAFT_DTYPES, "help": "the draft's dtype (auto: its recommended one, else "
+        "--dtype; int8: fp32 weights quantized at load, CPU only)"})
     draft_vocab: str = field(default="auto", metadata={
         "help": "auto (the draft's trimmed vocabulary, draft_vocab.json, if it has one) | full | "
                 "a path to a draft_vocab.json (default: auto)"})
@@ -61,9 +63,9 @@ class ServeConfig:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
-        for name in ("dtype", "draft_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"{name} must be one of {', '.join(DTYPES)}, got "
+        for name, choices in (("dtype", DTYPES), ("draft_dtype", DRAFT_DTYPES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got "
                                  f"{getattr(self, name)!r}")
         if self.backend not in ("specdec", "vllm"):
             raise ValueError(f"backend must be 'specdec' or 'vllm', got {self.backend!r}")
@@ -85,6 +87,7 @@ def build_engine(cfg: ServeConfig):
 
     from specdec.decode.engine import SpeculativeEngine
     from specdec.models import load_model
+    from specdec.quant import load_draft
     from specdec.recommend import dtype_of, recommended
     from specdec.vocab import resolve_draft_vocab
 
@@ -95,9 +98,15 @@ def build_engine(cfg: ServeConfig):
     target, tokenizer = load_model(cfg.target, dtype=dtype, device=device)
     draft = vocab = None
     if cfg.draft is not None:
-        draft_dtype = (dtype_of(recommended(cfg.draft).get("draft_dtype"), dtype)
-                       if cfg.draft_dtype == "auto" else getattr(torch, cfg.draft_dtype))
-        draft, draft_tokenizer = load_model(cfg.draft, dtype=draft_dtype, device=device)
+        draft_dtype = (recommended(cfg.draft).get("draft_dtype")
+                       if cfg.draft_dtype == "auto" else cfg.draft_dtype)
+        if draft_dtype == "int8" and cfg.draft_dtype == "auto" and device != "cpu":
+            draft_dtype = None  # recommended on a CPU; elsewhere the target's dtype
+        if draft_dtype == "int8":
+            draft, draft_tokenizer = load_draft(cfg.draft, "int8", device=device)
+        else:
+            draft, draft_tokenizer = load_model(cfg.draft, dtype=dtype_of(draft_dtype, dtype),
+                                                device=device)
         if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ValueError(
                 f"the draft {cfg.draft} has a different tokenizer from the target {cfg.target}; "

@@ -1,0 +1,133 @@
+"""int8 drafts (specdec.quant): the draft's linears quantized at load, the target untouched.
+
+Lossless whatever the draft computes: greedy output identical to the target alone, sampled
+output distributed as the target's (chi-square), with a trimmed vocabulary too; teacher-forced
+acceptance runs the same int8 modules, so it still predicts the engine's steps exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_tiny_llama, save_tiny_chat_model
+from test_decode_engine import PROMPTS, assert_same_greedy, drop_layers, spread
+from test_decode_sampling import PROMPT, VOCAB, chi_square_p, exact_distributions
+
+from specdec import acceptance
+from specdec.decode.engine import SpeculativeEngine
+from specdec.decode.reference import target_generate
+from specdec.decode.sampling import SamplingParams
+from specdec.quant import Int8Linear, QuantError, load_draft, quantize_linears
+from specdec.vocab import DraftVocab
+
+SIGNIFICANCE = 1e-3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return spread(make_tiny_llama(seed=0))
+
+
+def int8_draft(model, keep):
+    return quantize_linears(drop_layers(model, keep))
+
+
+def test_int8_linear_is_close_and_keeps_the_fp32_weight():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 96, bias=True)
+    q = Int8Linear(linear)
+    x = torch.randn(3, 5, 256)
+    with torch.inference_mode():
+        exact, approx = linear(x), q(x)
+    assert approx.shape == exact.shape and approx.dtype == torch.float32
+    rel = (approx - exact).norm() / exact.norm()
+    assert 0 < rel < 0.02, rel  # quantized (not the same numbers), and close
+    assert q.weight is linear.weight and q.bias is linear.bias
+    with pytest.raises(QuantError, match="nn.Linear"):
+        Int8Linear(torch.nn.Embedding(4, 4))
+
+
+def test_quantize_linears_replaces_projections_and_head_keeps_ties(target):
+    model = quantize_linears(copy.deepcopy(target))
+    layer = model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, Int8Linear)
+    assert isinstance(layer.mlp.down_proj, Int8Linear)
+    assert isinstance(model.lm_head, Int8Linear) and model.specdec_int8
+    assert next(model.parameters()).dtype == torch.float32
+    ids = torch.tensor([PROMPTS[1]])
+    with torch.inference_mode():
+        a, b = target(ids).logits, model(ids).logits
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8  # a close, not equal, model
+    with pytest.raises(QuantError, match="fp32 models on the CPU"):
+        quantize_linears(copy.deepcopy(target).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("trimmed", [False, True])
+def test_int8_draft_greedy_is_the_target(target, k, trimmed):
+    draft = int8_draft(target, [0, 3])
+    vocab = DraftVocab(torch.arange(0, 97, 2), target.config.vocab_size) if trimmed else None
+    engine = SpeculativeEngine(target, draft, k=k, draft_vocab=vocab)
+    if trimmed:
+        assert isinstance(engine._draft_head, Int8Linear)  # the sub-head is int8 too
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    results = engine.generate(PROMPTS, params)  # batched
+    for prompt, r in zip(PROMPTS, results):
+        assert_same_greedy(target, prompt, r.token_ids, target_generate(target, prompt, params))
+    (solo,) = engine.generate([PROMPTS[0]], params)  # batch 1
+    assert_same_greedy(target, PROMPTS[0], solo.token_ids,
+                       target_generate(target, PROMPTS[0], params))
+    assert sum(r.accepted for r in results) > 0
+
+
+def test_int8_teacher_forced_acceptance_predicts_the_engine(target):
+    """Greedy MAL scored teacher-forced with the int8 draft == the engine's steps with it."""
+    vocab = DraftVocab(torch.arange(0, 60), target.config.vocab_size)
+    draft = int8_draft(target, [0, 3])
+    k = 3
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    results = SpeculativeEngine(target, draft, k=k, draft_vocab=vocab).generate(PROMPTS, params)
+    seqs = [p + r.token_ids for p, r in zip(PROMPTS, results)]
+    report = acceptance.compare(target, draft, seqs, [len(p) for p in PROMPTS], ks=[k],
+                                progress=False, draft_vocab=vocab, temperature=0)
+    committed = sum(len(r.token_ids) for r in results)
+    assert report.mean_accepted_length[k] == pytest.approx(committed / sum(r.steps for r in results))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_int8_draft_samples_the_target_distribution(k):
+    small = spread(make_tiny_llama(seed=3, vocab_size=VOCAB), 5.0)
+    engine = SpeculativeEngine(small, int8_draft(small, [0, 3]), k=k, eos_token_ids=[])
+    n = 4000
+    per_row = [SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True, seed=s)
+               for s in range(n)]
+    results = engine.generate([PROMPT] * n, per_row)
+    tokens = torch.tensor([r.token_ids for r in results])
+    pairs = torch.bincount(tokens[:, 0] * VOCAB + tokens[:, 1], minlength=VOCAB * VOCAB)
+    third = torch.bincount(tokens[:, 2], minlength=VOCAB)
+    joint, p3 = exact_distributions(small, SamplingParams(temperature=1.0))
+    assert chi_square_p(pairs.reshape(VOCAB, VOCAB), joint) > SIGNIFICANCE
+    assert chi_square_p(third, p3) > SIGNIFICANCE
+    assert sum(r.accepted for r in results) > 0
+
+
+def test_load_draft(tmp_path):
+    path = save_tiny_chat_model(tmp_path / "draft")
+    draft, tok = load_draft(path, "int8")
+    assert isinstance(draft.lm_head, Int8Linear) and tok is not None
+    fp32, _ = load_draft(path, "float32")  # long names too
+    assert type(fp32.lm_head) is torch.nn.Linear
+    with pytest.raises(QuantError, match="one of fp32, bf16, fp16, int8"):
+        load_draft(path, "int4")
+    with pytest.raises(QuantError, match="CPU only"):
+        load_draft(path, "int8", device="cuda")
