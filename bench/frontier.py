@@ -92,9 +92,11 @@ def validate(cfg: FrontierConfig) -> None:
         raise ValueError("no drafts given; pass --draft [method:]label=path (one or more)")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    from specdec.quant import DRAFT_DTYPES
+
     for d in (cfg.draft_dtypes or cfg.dtype).split(","):
-        if d not in DTYPES:
-            raise ValueError(f"--draft-dtypes must list {', '.join(DTYPES)}, got {d!r}")
+        if d not in DRAFT_DTYPES:
+            raise ValueError(f"--draft-dtypes must list {', '.join(DRAFT_DTYPES)}, got {d!r}")
     _ints(cfg.ks, "ks", 1)
     if any(n > 0 for n in _ints(cfg.vocab_n, "vocab-n", 0)) and not cfg.vocab_data:
         raise ValueError("--vocab-n asks for trimmed vocabularies: give --vocab-data, the "
@@ -237,6 +239,7 @@ def e2e(target, configs: list[dict[str, Any]], drafts: dict[tuple[str, str], Any
 def run(cfg: FrontierConfig, console: Console | None = None) -> dict[str, Any]:
     from specdec.evaluate import cached_target_answers, score_drafts
     from specdec.models import load_model
+    from specdec.quant import load_draft
     from specdec.vocab import DraftVocab, build_draft_vocab, count_target_tokens, special_ids
 
     validate(cfg)
@@ -287,7 +290,7 @@ def run(cfg: FrontierConfig, console: Console | None = None) -> dict[str, Any]:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for spec in specs:
         for dt in draft_dtypes:
-            draft, _ = load_model(spec["path"], dtype=DTYPES[dt])
+            draft, _ = load_draft(spec["path"], dt)
             drafts[(spec["label"], dt)] = draft
             labels = {f"N={n}": draft for n in vocab_ns}
             quality = score_drafts(target, labels, answers, pad_id=pad, ks=ks, console=console,
@@ -378,7 +381,8 @@ def write_recommendations(rows, vocabs, cfg: FrontierConfig) -> dict[str, Any]:
             _drop_sidecar(r["path"])
         rec = {"k": r["k"], "draft_vocab_n": (r.get("n_ids") or r["n"]) if r["n"] else None,
                "dtype": cfg.dtype,
-               "draft_dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[r["dtype"]],
+               "draft_dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
+                               "int8": "int8"}[r["dtype"]],
                "c": round(r["c"], 4), "tau": round(r["tau"], 4),
                "predicted_speedup": round(r["predicted"], 4),
                "measured_speedup": round(r["measured_speedup"], 4) if "measured_speedup" in r else None,
@@ -453,9 +457,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    best: dict[tuple[str, str], dict] = {}  # (method, label) -> the draft's best predicted row
+    # (curve, label) -> the draft's best predicted row; a curve per healing method, and per
+    # draft dtype where several were measured (fp32 and int8 drafts of one method differ in c)
+    several = len({r["dtype"] for r in result["rows"]}) > 1
+    best: dict[tuple[str, str], dict] = {}
     for r in result["rows"]:
-        key = (r["method"], r["label"])
+        key = (f"{r['method']}, {r['dtype']}" if several else r["method"], r["label"])
         if key not in best or r["predicted"] > best[key]["predicted"]:
             best[key] = r
     for method in sorted({m for m, _ in best}):

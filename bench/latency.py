@@ -119,13 +119,19 @@ def resolve_defaults(cfg: LatencyConfig) -> LatencyConfig:
 
 
 def _short_dtype(name: str | None) -> str:
-    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(name or "", name or "")
+    from specdec.quant import LONG_NAMES
+
+    return LONG_NAMES.get(name or "", name or "")
 
 
 def validate(cfg: LatencyConfig) -> None:
-    for flag, value in (("--dtype", cfg.dtype), ("--draft-dtype", cfg.draft_dtype or cfg.dtype)):
-        if value not in DTYPES:
-            raise ValueError(f"{flag} must be one of {', '.join(DTYPES)}, got {value!r}")
+    from specdec.quant import DRAFT_DTYPES
+
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if (cfg.draft_dtype or cfg.dtype) not in DRAFT_DTYPES:
+        raise ValueError(f"--draft-dtype must be one of {', '.join(DRAFT_DTYPES)}, got "
+                         f"{cfg.draft_dtype!r}")
     if cfg.ks:  # "" = the draft's recommended k (resolve_defaults)
         _ints(cfg.ks)
     for name in ("prompts", "new_tokens", "repeats", "cost_reps", "drop"):
@@ -144,12 +150,13 @@ def validate(cfg: LatencyConfig) -> None:
 def load_pair(cfg: LatencyConfig):
     """(target, draft, tokenizer, draft description, draft vocabulary or None)."""
     from specdec.models import load_model
+    from specdec.quant import load_draft
     from specdec.vocab import resolve_draft_vocab
 
     dtype = DTYPES[cfg.dtype]
     target, tokenizer = load_model(cfg.target, dtype=dtype, device=cfg.device)
     if cfg.draft:
-        draft, _ = load_model(cfg.draft, dtype=DTYPES[cfg.draft_dtype], device=cfg.device)
+        draft, _ = load_draft(cfg.draft, cfg.draft_dtype, device=cfg.device)
         desc = {"source": cfg.draft, "layers": draft.config.num_hidden_layers}
     else:
         n = target.config.num_hidden_layers
@@ -160,7 +167,7 @@ def load_pair(cfg: LatencyConfig):
         if removed[-1] >= n or cfg.drop >= n:
             raise ValueError(f"--drop {cfg.drop} --drop-start {cfg.drop_start}: the block must lie "
                              f"in 0..{n - 1} for a {n}-layer target")
-        draft = build_draft(target, tokenizer, removed, DTYPES[cfg.draft_dtype], cfg.device)
+        draft = build_draft(target, tokenizer, removed, cfg.draft_dtype, cfg.device)
         rule = "given" if angular is None else f"angular pick, d = {angular:.3f}"
         desc = {"source": f"{cfg.target} minus layers {removed[0]}-{removed[-1]} ({rule}; not "
                           "healed)",
@@ -176,18 +183,19 @@ def load_pair(cfg: LatencyConfig):
     return target, draft, tokenizer, desc, vocab
 
 
-def build_draft(target, tokenizer, removed: list[int], dtype, device):
+def build_draft(target, tokenizer, removed: list[int], dtype: str, device):
     """The target minus `removed` layers, written to a temp checkpoint dir and loaded back the
-    way any draft checkpoint is (so its weights are allocated as the target's are)."""
-    from specdec.models import load_model
+    way any draft checkpoint is (so its weights are allocated as the target's are), in `dtype`
+    (a `specdec.quant.DRAFT_DTYPES` name)."""
     from specdec.prune import remove_layers
+    from specdec.quant import load_draft
 
     pruned = remove_layers(copy.deepcopy(target), removed)
     with tempfile.TemporaryDirectory(prefix="specdec-latency-draft-") as tmp:
         pruned.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         del pruned
-        draft, _ = load_model(tmp, dtype=dtype, device=device)
+        draft, _ = load_draft(tmp, dtype, device=device)
     return draft
 
 

@@ -91,6 +91,9 @@ class Preset:
     frontier_e2e_best: int = 2
     frontier_e2e_prompts: int = 4
     frontier_new_tokens: int = 64
+    # draft dtypes the frontier measures ("" = the target's): int8 drafts (specdec.quant) cost
+    # about half an fp32 draft on a CPU
+    frontier_draft_dtypes: str = "fp32,int8"
 
 
 PRESETS: dict[str, Preset] = {
@@ -152,7 +155,7 @@ PRESETS: dict[str, Preset] = {
         kd=0.5, prune_calib_n=256, prune_heldout_n=64, eval_n=None, eval_turns=2,
         eval_max_new_tokens=256, latency_n=8, latency_tokens=128, repeats=3,
         distill_engine="vllm", vllm_batch_size=256, vllm_kv_cache_gib=None, bench_vllm="on",
-        frontier_vocab_n="0,16384,32768,65536", frontier_n=80,
+        frontier_vocab_n="0,16384,32768,65536", frontier_n=80, frontier_draft_dtypes="",
     ),
     # Wiring only, for a tiny model in tests: every stage runs, on a handful of records.
     "smoke": Preset(
@@ -399,6 +402,8 @@ def frontier_cmd(cfg: PipelineConfig, preset: Preset, drafts: dict[str, Path], d
            "--e2e-prompts", str(preset.frontier_e2e_prompts),
            "--new-tokens", str(preset.frontier_new_tokens), "--write-recommended",
            "--out", str(out)]
+    if preset.frontier_draft_dtypes:
+        cmd += ["--draft-dtypes", preset.frontier_draft_dtypes]
     for label, path in drafts.items():
         cmd += ["--draft", f"{label}={path}"]
     return cmd
