@@ -140,3 +140,33 @@ def test_recommended_settings_are_written_and_picked_up(frontier, tmp_path, monk
     frontier.write_recommendations([dict(_row("sd", "self-distilled", 2, 1.2), path=str(draft))],
                                    {0: None}, cfg)
     assert load_draft_vocab(draft, vocab_size) is None and recommended(draft)["k"] == 2
+
+
+def test_int8_recommendation_is_picked_up_by_serve_and_latency(frontier, tmp_path, monkeypatch):
+    """An int8 draft recorded by the frontier: serve loads the draft quantized, latency.py's
+    defaults and validation take int8, the weights on disk stay as they were."""
+    from specdec.quant import Int8Linear
+    from specdec.recommend import recommended
+    from specdec.serve.config import ServeConfig, build_engine
+
+    target = save_tiny_chat_model(tmp_path / "target")
+    draft = save_tiny_chat_model(tmp_path / "sd", seed=1, num_layers=1)
+    rows = [dict(_row("sd", "self-distilled", 2, 1.1), path=str(draft), dtype="int8")]
+    frontier.write_recommendations(rows, {0: None}, frontier.FrontierConfig(draft=[str(draft)]))
+    assert recommended(draft)["draft_dtype"] == "int8"
+    engine, _ = build_engine(ServeConfig(target=str(target), draft=str(draft), device="cpu"))
+    assert isinstance(engine.draft.lm_head, Int8Linear) and engine.k_max == 2
+    engine, _ = build_engine(ServeConfig(target=str(target), draft=str(draft), device="cpu",
+                                         draft_dtype="float32"))  # an explicit value wins
+    assert type(engine.draft.lm_head) is torch.nn.Linear
+    with pytest.raises(ValueError, match="draft_dtype must be one of"):
+        ServeConfig(target=str(target), draft=str(draft), draft_dtype="int4")
+    spec = importlib.util.spec_from_file_location("bench_latency3", ROOT / "bench" / "latency.py")
+    latency = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_latency3", latency)
+    spec.loader.exec_module(latency)
+    resolved = latency.resolve_defaults(latency.LatencyConfig(draft=str(draft)))
+    assert resolved.draft_dtype == "int8"
+    latency.validate(resolved)
+    with pytest.raises(ValueError, match="--draft-dtype must be one of"):
+        latency.validate(latency.LatencyConfig(draft=str(draft), draft_dtype="int4"))
