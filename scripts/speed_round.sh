@@ -4,9 +4,9 @@
 # in fp32, heal SFT and self-distilled drafts with one recipe per cut. Every stage skips or
 # resumes when it has already run, so the script can be rerun after an interruption.
 #
-#   bash scripts/speed_round.sh            # ~50 min on a 2-core box (installs .venv-vllm first)
+#   bash scripts/speed_round.sh            # ~40 min on a 2-core box (installs .venv-vllm first)
 #
-# One job at a time on one thread (vLLM pins itself to one core), so the other core stays free.
+# One thread per job: vLLM pins itself to one core; then two fine-tunes run side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 P="${PYTHON:-.venv/bin/python}"
@@ -33,8 +33,10 @@ ft() {  # ft OUT ARGS...: one fine-tune, skipped once its checkpoint is complete
     mkdir -p "$(dirname "$out")"
     $P -m specdec.finetune $R "$@" --out "$out" > "$out.log" 2>&1
 }
-ft $H/drop6/sd --draft $H/drop6/pruned --data $D --lr 1e-4
-ft $H/drop6/sft --draft $H/drop6/pruned --data $O --lr 1e-4
-ft $H/keep12/sd --draft $H/keep12/pruned --data $D --lr 3e-4
-ft $H/keep12/sft --draft $H/keep12/pruned --data $O --lr 3e-4
+# two chains side by side, one core each
+{ ft $H/drop6/sd --draft $H/drop6/pruned --data $D --lr 1e-4
+  ft $H/drop6/sft --draft $H/drop6/pruned --data $O --lr 1e-4; } &
+{ ft $H/keep12/sd --draft $H/keep12/pruned --data $D --lr 3e-4
+  ft $H/keep12/sft --draft $H/keep12/pruned --data $O --lr 3e-4; } &
+wait
 echo "speed round: drafts ready under $H"

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The README's int8 frontier: the drafts of scripts/speed_round.sh (keep 12 and drop 6: pruned,
+# SFT, self-distilled) plus the unpruned target as a quantization-only reference, each as an
+# fp32 and an int8 draft, on a quiet machine (nothing else running), writing each draft's
+# recommended settings; then bench/latency.py on the fastest draft with those settings.
+#
+#   bash scripts/frontier_int8.sh [extra bench/frontier.py flags]     # ~30 min on 2 cores
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-.venv/bin/python}"
+H=runs/speed
+args=()
+for d in keep12/pruned keep12/sft keep12/sd drop6/pruned drop6/sft drop6/sd; do
+    [[ -f "$H/$d/specdec.json" ]] && args+=(--draft "${d/\//-}=$H/$d")
+done
+if (( ${#args[@]} == 0 )); then
+    echo "no drafts under $H/: make them with bash scripts/speed_round.sh first" >&2
+    exit 2
+fi
+if [[ ! -f $H/full30/config.json ]]; then  # the target itself, as a draft (hard-linked weights)
+    src=$("$PY" -c "from specdec.models import resolve_model; print(resolve_model('smollm2-135m-instruct'))")
+    mkdir -p $H/full30
+    for f in "$src"/*; do
+        [[ $(basename "$f") == model.safetensors ]] && ln -f "$f" $H/full30/ || cp "$f" $H/full30/
+    done
+fi
+args+=(--draft "unpruned target:full30=$H/full30")
+"$PY" bench/frontier.py "${args[@]}" --draft-dtypes fp32,int8 \
+    --vocab-data $H/distilled-384.jsonl --vocab-n 0,8192 --ks 1,2,3,4 --n 40 \
+    --max-new-tokens 64 --threads "${THREADS:-2}" --e2e-best 3 --e2e-prompts 16 \
+    --new-tokens 128 --write-recommended --out bench/results/frontier-int8 "$@" \
+    | tee bench/results/frontier-int8.log
+best=$("$PY" -c "import json; r = json.load(open('bench/results/frontier-int8/frontier.json')); \
+rows = [x for x in r['rows'] if 'measured_speedup' in x]; \
+print(max(rows, key=lambda x: x['measured_speedup'])['path'])")
+"$PY" bench/latency.py --draft "$best" --threads "${THREADS:-2}" --prompts 16 --new-tokens 128 \
+    --repeats 1 --out bench/results/latency-int8.json | tee bench/results/latency-int8.log
