@@ -154,11 +154,13 @@ def test_int8_recommendation_is_picked_up_by_serve_and_latency(frontier, tmp_pat
     rows = [dict(_row("sd", "self-distilled", 2, 1.1), path=str(draft), dtype="int8")]
     frontier.write_recommendations(rows, {0: None}, frontier.FrontierConfig(draft=[str(draft)]))
     assert recommended(draft)["draft_dtype"] == "int8"
+    monkeypatch.setattr("specdec.quant.calibration_ids", lambda tokenizer: [[1, 2, 3, 4]])
     engine, _ = build_engine(ServeConfig(target=str(target), draft=str(draft), device="cpu"))
-    assert isinstance(engine.draft.lm_head, Int8Linear) and engine.k_max == 2
+    assert isinstance(engine.draft.model.layers[0].self_attn.q_proj, Int8Linear)
+    assert engine.k_max == 2
     engine, _ = build_engine(ServeConfig(target=str(target), draft=str(draft), device="cpu",
                                          draft_dtype="float32"))  # an explicit value wins
-    assert type(engine.draft.lm_head) is torch.nn.Linear
+    assert type(engine.draft.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     with pytest.raises(ValueError, match="draft_dtype must be one of"):
         ServeConfig(target=str(target), draft=str(draft), draft_dtype="int4")
     spec = importlib.util.spec_from_file_location("bench_latency3", ROOT / "bench" / "latency.py")

@@ -19,7 +19,7 @@ from specdec import acceptance
 from specdec.decode.engine import SpeculativeEngine
 from specdec.decode.reference import target_generate
 from specdec.decode.sampling import SamplingParams
-from specdec.quant import Int8Linear, QuantError, load_draft, quantize_linears
+from specdec.quant import PROJECTIONS, Int8Linear, QuantError, load_draft, quantize_linears
 from specdec.vocab import DraftVocab
 
 SIGNIFICANCE = 1e-3
@@ -38,8 +38,10 @@ def target():
     return spread(make_tiny_llama(seed=0))
 
 
-def int8_draft(model, keep):
-    return quantize_linears(drop_layers(model, keep))
+def int8_draft(model, keep, head=True):
+    """Every projection and (by default) the head in int8: the most a draft is quantized."""
+    return quantize_linears(drop_layers(model, keep), projections=PROJECTIONS + ("down_proj",),
+                            head=head)
 
 
 def test_int8_linear_is_close_and_keeps_the_fp32_weight():
@@ -57,12 +59,38 @@ def test_int8_linear_is_close_and_keeps_the_fp32_weight():
         Int8Linear(torch.nn.Embedding(4, 4))
 
 
+def test_smoothing_holds_an_outlier_channel():
+    """An input channel 100x larger than the rest (as LLM activations have): per-tensor int8
+    activations lose the small channels; SmoothQuant's factors move the outlier into the
+    per-channel weight scales and keep the product close."""
+    from specdec.quant import smoothing
+
+    torch.manual_seed(1)
+    model = make_tiny_llama(seed=2, num_layers=1)
+    linear = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[5] = 100.0  # channel 5 of q_proj's input
+    calib = [[3, 9, 27, 81, 50, 7, 2], [11, 12, 13]]
+    scales = smoothing(model, calib, linears=[(None, "q_proj", linear)])
+    x = torch.randn(64, linear.in_features)
+    x[:, 5] *= 100
+    with torch.inference_mode():
+        exact = linear(x)
+        errors = [((q(x) - exact).norm() / exact.norm()).item()
+                  for q in (Int8Linear(linear), Int8Linear(linear, scales[id(linear)]))]
+    assert errors[1] < 0.5 * errors[0], errors
+
+
 def test_quantize_linears_replaces_projections_and_head_keeps_ties(target):
-    model = quantize_linears(copy.deepcopy(target))
+    default = quantize_linears(copy.deepcopy(target), calib=[[1, 2, 3, 4]])
+    layer = default.model.layers[0]  # by default: not down_proj, not the head
+    assert isinstance(layer.self_attn.q_proj, Int8Linear) and layer.self_attn.q_proj.inv_smooth is not None
+    assert type(layer.mlp.down_proj) is torch.nn.Linear and type(default.lm_head) is torch.nn.Linear
+    model = int8_draft(target, list(range(target.config.num_hidden_layers)))
     layer = model.model.layers[0]
-    assert isinstance(layer.self_attn.q_proj, Int8Linear)
     assert isinstance(layer.mlp.down_proj, Int8Linear)
     assert isinstance(model.lm_head, Int8Linear) and model.specdec_int8
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
     assert next(model.parameters()).dtype == torch.float32
     ids = torch.tensor([PROMPTS[1]])
     with torch.inference_mode():
@@ -123,8 +151,8 @@ def test_int8_draft_samples_the_target_distribution(k):
 
 def test_load_draft(tmp_path):
     path = save_tiny_chat_model(tmp_path / "draft")
-    draft, tok = load_draft(path, "int8")
-    assert isinstance(draft.lm_head, Int8Linear) and tok is not None
+    draft, tok = load_draft(path, "int8", calib=[[1, 2, 3]])
+    assert isinstance(draft.model.layers[0].self_attn.q_proj, Int8Linear) and tok is not None
     fp32, _ = load_draft(path, "float32")  # long names too
     assert type(fp32.lm_head) is torch.nn.Linear
     with pytest.raises(QuantError, match="one of fp32, bf16, fp16, int8"):
