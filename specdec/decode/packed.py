@@ -1,4 +1,4 @@
-"""Faster linear layers for the lean forward on a CPU: bf16 prepacked for oneDNN, fp32 weight-major.
+"""Faster linears for the lean forward on a CPU: bf16 prepacked for oneDNN, fp32 weight-major.
 
 **bf16, prepacked** (`packed`).
 
