@@ -4,7 +4,7 @@
 # fp32 and an int8 draft, on a quiet machine (nothing else running), writing each draft's
 # recommended settings; then bench/latency.py on the fastest draft with those settings.
 #
-#   bash scripts/frontier_int8.sh [extra bench/frontier.py flags]     # ~30 min on 2 cores
+#   THREADS=1 bash scripts/frontier_int8.sh [extra bench/frontier.py flags]   # ~40 min
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
