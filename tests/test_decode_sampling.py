@@ -254,3 +254,18 @@ def test_sample_greedy_seeded_and_distributed():
     probs = torch.softmax(row[0] / 0.7, dim=-1)
     assert chi_square_p(torch.bincount(tokens, minlength=VOCAB), probs) > SIGNIFICANCE
     assert int(torch.bincount(tokens, minlength=VOCAB)[probs == 0].sum()) == 0
+
+
+def sample_first_three(engine, target, n: int = 4000, significance: float = 1e-3):
+    """n seeded 3-token samples of PROMPT through `engine`; asserts the (first, second) pairs and
+    the third tokens are distributed as `target`'s (chi-square); returns (results, tokens)."""
+    per_row = [SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True, seed=s)
+               for s in range(n)]
+    results = engine.generate([PROMPT] * n, per_row)
+    tokens = torch.tensor([r.token_ids for r in results])
+    pairs = torch.bincount(tokens[:, 0] * VOCAB + tokens[:, 1], minlength=VOCAB * VOCAB)
+    third = torch.bincount(tokens[:, 2], minlength=VOCAB)
+    joint, p3 = exact_distributions(target, SamplingParams(temperature=1.0))
+    assert chi_square_p(pairs.reshape(VOCAB, VOCAB), joint) > significance
+    assert chi_square_p(third, p3) > significance
+    return results, tokens

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import make_tiny_llama, save_tiny_chat_model
 from test_decode_engine import PROMPTS, assert_same_greedy, drop_layers, spread
-from test_decode_sampling import PROMPT, VOCAB, chi_square_p, exact_distributions
+from test_decode_sampling import VOCAB, sample_first_three
 
 from specdec import acceptance
 from specdec.decode.engine import SpeculativeEngine
@@ -136,16 +136,7 @@ def test_int8_teacher_forced_acceptance_predicts_the_engine(target):
 def test_int8_draft_samples_the_target_distribution(k):
     small = spread(make_tiny_llama(seed=3, vocab_size=VOCAB), 5.0)
     engine = SpeculativeEngine(small, int8_draft(small, [0, 3]), k=k, eos_token_ids=[])
-    n = 4000
-    per_row = [SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True, seed=s)
-               for s in range(n)]
-    results = engine.generate([PROMPT] * n, per_row)
-    tokens = torch.tensor([r.token_ids for r in results])
-    pairs = torch.bincount(tokens[:, 0] * VOCAB + tokens[:, 1], minlength=VOCAB * VOCAB)
-    third = torch.bincount(tokens[:, 2], minlength=VOCAB)
-    joint, p3 = exact_distributions(small, SamplingParams(temperature=1.0))
-    assert chi_square_p(pairs.reshape(VOCAB, VOCAB), joint) > SIGNIFICANCE
-    assert chi_square_p(third, p3) > SIGNIFICANCE
+    results, _ = sample_first_three(engine, small, significance=SIGNIFICANCE)
     assert sum(r.accepted for r in results) > 0
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import make_tiny_llama, save_tiny_chat_model, tiny_chat_tokenizer
 from test_decode_engine import PROMPTS, assert_same_greedy, drop_layers, spread
-from test_decode_sampling import PROMPT, VOCAB, chi_square_p, exact_distributions
+from test_decode_sampling import PROMPT, VOCAB, sample_first_three
 
 from specdec import acceptance
 from specdec.decode.engine import SpeculativeEngine
@@ -224,15 +224,7 @@ def test_trimmed_vocab_samples_the_target_distribution(small_target, k):
     engine = SpeculativeEngine(small_target, drop_layers(small_target, [0, 3]), k=k,
                                eos_token_ids=[], draft_vocab=vocab)
     n = 4000
-    per_row = [SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True, seed=s)
-               for s in range(n)]
-    results = engine.generate([PROMPT] * n, per_row)
-    tokens = torch.tensor([r.token_ids for r in results])
-    pairs = torch.bincount(tokens[:, 0] * VOCAB + tokens[:, 1], minlength=VOCAB * VOCAB)
-    third = torch.bincount(tokens[:, 2], minlength=VOCAB)
-    joint, p3 = exact_distributions(small_target, SamplingParams(temperature=1.0))
-    assert chi_square_p(pairs.reshape(VOCAB, VOCAB), joint) > SIGNIFICANCE
-    assert chi_square_p(third, p3) > SIGNIFICANCE
+    results, tokens = sample_first_three(engine, small_target, n, SIGNIFICANCE)
     # the left-out tokens are emitted (by recovery), at the target's rate
     first = torch.bincount(tokens[:, 0], minlength=VOCAB).double() / n
     assert float(first[top].sum()) > 0.2
