@@ -382,7 +382,7 @@ def write_recommendations(rows, vocabs, cfg: FrontierConfig) -> dict[str, Any]:
         rec = {"k": r["k"], "draft_vocab_n": (r.get("n_ids") or r["n"]) if r["n"] else None,
                "dtype": cfg.dtype,
                "draft_dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
-                               "int8": "int8"}[r["dtype"]],
+                               "int8": "int8", "w8": "w8"}[r["dtype"]],
                "c": round(r["c"], 4), "tau": round(r["tau"], 4),
                "predicted_speedup": round(r["predicted"], 4),
                "measured_speedup": round(r["measured_speedup"], 4) if "measured_speedup" in r else None,

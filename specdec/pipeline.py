@@ -91,12 +91,14 @@ class Preset:
     frontier_e2e_best: int = 2
     frontier_e2e_prompts: int = 4
     frontier_new_tokens: int = 64
-    # draft dtypes the frontier measures ("" = the target's): int8 drafts (specdec.quant) cost
-    # ~20% less than fp32 ones on a CPU at the same acceptance
-    frontier_draft_dtypes: str = "fp32,int8"
-    # torch threads for the frontier: 1, because on a 2-core AVX2 CPU MKL multiplies two rows
-    # faster than one on 2 threads (v(1) 0.84), which credits drafts with what a faster
-    # one-token path would give the target alone (README, "The frontier on an AVX2 CPU")
+    # draft dtypes the frontier measures ("" = the target's): w8 drafts (int8 weights on the
+    # rowmm kernel, specdec.quant) cost ~35-40% less than fp32 ones on an AVX2 CPU at the same
+    # acceptance; int8 (fbgemm, activations too) is the choice where rowmm cannot run
+    frontier_draft_dtypes: str = "fp32,w8"
+    # torch threads for the frontier: 1, the setting the rowmm kernel is built for, and on a
+    # 2-core AVX2 CPU MKL multiplies two rows faster than one on 2 threads (v(1) 0.84), which
+    # would credit drafts with what a faster one-token path would give the target alone
+    # (README, "The frontier on an AVX2 CPU")
     frontier_threads: int = 1
 
 

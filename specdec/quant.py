@@ -37,9 +37,11 @@ import torch
 from torch import nn
 
 # the draft dtypes every consumer accepts: the torch dtypes by their short names, plus int8
+# (activations int8 too, fbgemm) and w8 (int8 weights only, `specdec.decode.rowmm`)
 DRAFT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-                "int8": "int8"}
-LONG_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "int8"}
+                "int8": "int8", "w8": "w8"}
+LONG_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "int8",
+              "w8": "w8"}
 # the projections quantized by default: not down_proj, whose input (SiLU(gate) * up) has the
 # outlier channels per-tensor activation quantization cannot hold (see the module docstring)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
@@ -191,23 +193,55 @@ def calibration_ids(tokenizer, n: int = CALIB_N, max_tokens: int = CALIB_TOKENS,
 def like_head(head: nn.Module, sub: nn.Linear) -> nn.Module:
     """A sub-head cut from `head` (e.g. a trimmed draft vocabulary's rows) in the same form:
     int8 when `head` is."""
+    from specdec.decode.rowmm import Int8RowLinear
+
+    if isinstance(head, Int8RowLinear):
+        return Int8RowLinear(sub)
     return Int8Linear(sub) if isinstance(head, Int8Linear) else sub
+
+
+def quantize_weights(model: nn.Module) -> nn.Module:
+    """``w8``: every decoder projection and the LM head of a Llama-family fp32 CPU model
+    replaced (in place) by `specdec.decode.rowmm.Int8RowLinear` -- int8 weights, one scale per
+    output channel, fp32 activations, no calibration; returns the model, marked
+    ``model.specdec_int8 = "w8"``. Needs the rowmm kernel (AVX2 + a C compiler) to be fast;
+    without it the same numbers come from dequantized fp32 weights."""
+    from specdec.decode.rowmm import Int8RowLinear
+
+    weight = next(model.parameters())
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        raise QuantError(f"w8 drafts are for fp32 models on the CPU; this one is {weight.dtype} "
+                         f"on {weight.device.type} (load it in fp32 on the CPU, or use "
+                         "--draft-dtype bf16 on a GPU)")
+    projections = PROJECTIONS + ("down_proj",)
+    for parent, name, linear in _linears(model, projections, head=True):
+        quantized = Int8RowLinear(linear)
+        if parent is model:
+            model.set_output_embeddings(quantized)
+        else:
+            setattr(parent, name, quantized)
+    model.specdec_int8 = "w8"
+    return model
 
 
 def load_draft(path: str | Path, dtype: str, device: str | torch.device = "cpu",
                calib: Sequence[Sequence[int]] | None = None):
     """(draft, tokenizer) with `dtype` a DRAFT_DTYPES name (``int8``: loaded in fp32, then its
-    linears quantized, smoothed on `calib` token sequences, by default `calibration_ids`)."""
+    linears quantized, smoothed on `calib` token sequences, by default `calibration_ids`;
+    ``w8``: loaded in fp32, then `quantize_weights`)."""
     from specdec.models import load_model
 
     dtype = LONG_NAMES.get(dtype, dtype)
     if dtype not in DRAFT_DTYPES:
         raise QuantError(f"draft dtype must be one of {', '.join(DRAFT_DTYPES)}, got {dtype!r}")
-    if dtype != "int8":
+    if dtype not in ("int8", "w8"):
         return load_model(path, dtype=DRAFT_DTYPES[dtype], device=device)
     if torch.device(device).type != "cpu":
-        raise QuantError(f"int8 drafts run on the CPU only, not {device}; use --draft-dtype bf16")
+        raise QuantError(f"{dtype} drafts run on the CPU only, not {device}; use --draft-dtype "
+                         "bf16")
     model, tokenizer = load_model(path, dtype=torch.float32, device="cpu")
+    if dtype == "w8":
+        return quantize_weights(model), tokenizer
     if calib is None:
         calib = calibration_ids(tokenizer)
     return quantize_linears(model, calib), tokenizer

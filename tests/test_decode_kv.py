@@ -65,22 +65,31 @@ def test_slab_layer_matches_dynamic_layer():
     assert slab.get_seq_length() == 0 and slab.keys is None
 
 
-@pytest.mark.parametrize("precision", ["fp32-plain", "fp32-weight-major", "bf16-packed"])
-def test_lean_forward_is_bitwise_hf(model, precision):
-    """fp32 with plain linears (pack=False); fp32 with the few-row weight-major path (the
-    default on a CPU, packed.py): bitwise where one row goes through a linear, to rounding
-    where 2-16 do; bf16 with the linears prepacked for oneDNN (the default there)."""
+@pytest.mark.parametrize("precision",
+                         ["fp32-plain", "fp32-rowmm", "fp32-weight-major", "bf16-packed"])
+def test_lean_forward_is_bitwise_hf(model, precision, monkeypatch):
+    """fp32 with plain linears (pack=False); fp32 with the few-row kernel (the default on an
+    AVX2 CPU, rowmm.py) or, where it cannot run, the weight-major few-row path (packed.py):
+    equal to rounding (weight-major: bitwise where one row goes through a linear); bf16 with
+    the linears prepacked for oneDNN (the default there): bitwise."""
+    from specdec.decode import rowmm
+
     if precision == "bf16-packed":
         model = copy.deepcopy(model).to(torch.bfloat16)
         if packing_supported(model) is not None:
             pytest.skip(packing_supported(model))
+    if precision == "fp32-rowmm" and rowmm.rowmm_supported(model) is not None:
+        pytest.skip(rowmm.rowmm_supported(model))
+    if precision == "fp32-weight-major":
+        monkeypatch.setattr(rowmm, "rowmm_supported", lambda m=None: "turned off by the test")
     lean = LeanLlamaForward(model, pack=False if precision == "fp32-plain" else None)
     hf = hf_forward(model)
     assert lean.pack == (precision == "bf16-packed")
+    assert lean.rowmm == (precision == "fp32-rowmm")
     assert lean.weight_major == (precision == "fp32-weight-major")
 
-    def same(a, b):  # weight-major: batch 2 x q tokens is 2q rows, equal to rounding
-        if precision != "fp32-weight-major":
+    def same(a, b):  # few-row paths: equal to rounding
+        if precision not in ("fp32-weight-major", "fp32-rowmm"):
             return torch.equal(a, b)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         return True

@@ -1,4 +1,5 @@
-"""int8 drafts (specdec.quant): the draft's linears quantized at load, the target untouched.
+"""int8 drafts (specdec.quant): the draft's linears quantized at load, the target untouched --
+``int8`` (activations too, fbgemm) and ``w8`` (weights only, `specdec.decode.rowmm`).
 
 Lossless whatever the draft computes: greedy output identical to the target alone, sampled
 output distributed as the target's (chi-square), with a trimmed vocabulary too; teacher-forced
@@ -19,7 +20,15 @@ from specdec import acceptance
 from specdec.decode.engine import SpeculativeEngine
 from specdec.decode.reference import target_generate
 from specdec.decode.sampling import SamplingParams
-from specdec.quant import PROJECTIONS, Int8Linear, QuantError, load_draft, quantize_linears
+from specdec.decode.rowmm import Int8RowLinear
+from specdec.quant import (
+    PROJECTIONS,
+    Int8Linear,
+    QuantError,
+    load_draft,
+    quantize_linears,
+    quantize_weights,
+)
 from specdec.vocab import DraftVocab
 
 SIGNIFICANCE = 1e-3
@@ -38,10 +47,16 @@ def target():
     return spread(make_tiny_llama(seed=0))
 
 
-def int8_draft(model, keep, head=True):
-    """Every projection and (by default) the head in int8: the most a draft is quantized."""
+def int8_draft(model, keep, head=True, kind="int8"):
+    """Every projection and (by default) the head in int8: the most a draft is quantized
+    (``kind="w8"``: weight-only, always every projection and the head)."""
+    if kind == "w8":
+        return quantize_weights(drop_layers(model, keep))
     return quantize_linears(drop_layers(model, keep), projections=PROJECTIONS + ("down_proj",),
                             head=head)
+
+
+KINDS = {"int8": Int8Linear, "w8": Int8RowLinear}
 
 
 def test_int8_linear_is_close_and_keeps_the_fp32_weight():
@@ -100,14 +115,15 @@ def test_quantize_linears_replaces_projections_and_head_keeps_ties(target):
         quantize_linears(copy.deepcopy(target).to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("trimmed", [False, True])
-def test_int8_draft_greedy_is_the_target(target, k, trimmed):
-    draft = int8_draft(target, [0, 3])
+def test_int8_draft_greedy_is_the_target(target, k, trimmed, kind):
+    draft = int8_draft(target, [0, 3], kind=kind)
     vocab = DraftVocab(torch.arange(0, 97, 2), target.config.vocab_size) if trimmed else None
     engine = SpeculativeEngine(target, draft, k=k, draft_vocab=vocab)
     if trimmed:
-        assert isinstance(engine._draft_head, Int8Linear)  # the sub-head is int8 too
+        assert isinstance(engine._draft_head, KINDS[kind])  # the sub-head is int8 too
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     results = engine.generate(PROMPTS, params)  # batched
     for prompt, r in zip(PROMPTS, results):
@@ -118,10 +134,11 @@ def test_int8_draft_greedy_is_the_target(target, k, trimmed):
     assert sum(r.accepted for r in results) > 0
 
 
-def test_int8_teacher_forced_acceptance_predicts_the_engine(target):
+@pytest.mark.parametrize("kind", KINDS)
+def test_int8_teacher_forced_acceptance_predicts_the_engine(target, kind):
     """Greedy MAL scored teacher-forced with the int8 draft == the engine's steps with it."""
     vocab = DraftVocab(torch.arange(0, 60), target.config.vocab_size)
-    draft = int8_draft(target, [0, 3])
+    draft = int8_draft(target, [0, 3], kind=kind)
     k = 3
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     results = SpeculativeEngine(target, draft, k=k, draft_vocab=vocab).generate(PROMPTS, params)
@@ -132,10 +149,11 @@ def test_int8_teacher_forced_acceptance_predicts_the_engine(target):
     assert report.mean_accepted_length[k] == pytest.approx(committed / sum(r.steps for r in results))
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("k", [1, 3])
-def test_int8_draft_samples_the_target_distribution(k):
+def test_int8_draft_samples_the_target_distribution(k, kind):
     small = spread(make_tiny_llama(seed=3, vocab_size=VOCAB), 5.0)
-    engine = SpeculativeEngine(small, int8_draft(small, [0, 3]), k=k, eos_token_ids=[])
+    engine = SpeculativeEngine(small, int8_draft(small, [0, 3], kind=kind), k=k, eos_token_ids=[])
     results, _ = sample_first_three(engine, small, significance=SIGNIFICANCE)
     assert sum(r.accepted for r in results) > 0
 
@@ -144,9 +162,13 @@ def test_load_draft(tmp_path):
     path = save_tiny_chat_model(tmp_path / "draft")
     draft, tok = load_draft(path, "int8", calib=[[1, 2, 3]])
     assert isinstance(draft.model.layers[0].self_attn.q_proj, Int8Linear) and tok is not None
+    w8, _ = load_draft(path, "w8")
+    assert isinstance(w8.model.layers[0].mlp.down_proj, Int8RowLinear)
+    assert isinstance(w8.lm_head, Int8RowLinear) and w8.specdec_int8 == "w8"
     fp32, _ = load_draft(path, "float32")  # long names too
     assert type(fp32.lm_head) is torch.nn.Linear
     with pytest.raises(QuantError, match="one of fp32, bf16, fp16, int8"):
         load_draft(path, "int4")
-    with pytest.raises(QuantError, match="CPU only"):
-        load_draft(path, "int8", device="cuda")
+    for dtype in ("int8", "w8"):
+        with pytest.raises(QuantError, match="CPU only"):
+            load_draft(path, dtype, device="cuda")

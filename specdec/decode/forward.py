@@ -32,6 +32,9 @@ default only where it buys that bitwise identity: bf16 and fp16 (`row_exact_defa
 
 On a CPU in bf16 the projections and the head run on weights prepacked for oneDNN once
 (`packed.py`: the same kernel without a weight reorder per call, bitwise the same outputs).
+In fp32 on an AVX2 CPU, 1-16 rows go through `rowmm.py`'s kernel (weights streamed once,
+tile-major; row-invariant, so a verification's logits equal one-token decoding's bit for bit,
+and both equal ``model(...)``'s to rounding).
 
 Anything else -- another architecture, eager or flash attention, a model with accelerate hooks,
 ``pretraining_tp`` > 1, a cache without slab layers -- uses `hf_forward`.
@@ -110,24 +113,28 @@ class LeanLlamaForward:
             weight_major,
             weight_major_supported,
         )
+        from specdec.decode.rowmm import row_linear, rowmm_supported
 
         self.model = model
         self.decoder = model.get_decoder()
         head = head if head is not None else model.lm_head  # a trimmed draft head or the LM head
         # pack: bf16 linears prepacked for oneDNN (packed.py; bitwise the same outputs); None:
-        # wherever supported, and fp32 CPU models take the weight-major few-row path instead
-        # (packed.py; one-row products unchanged); False: every linear as the module computes it
+        # wherever supported, and fp32 CPU models take the few-row kernel (rowmm.py: 1-16 rows,
+        # row-invariant) or, where it cannot run, the weight-major few-row path (packed.py;
+        # one-row products unchanged); False: every linear as the module computes it
         self.pack = packing_supported(model) is None if pack is None else pack
-        self.weight_major = pack is None and not self.pack and weight_major_supported(model) is None
-        linear = (packed if self.pack else weight_major if self.weight_major
-                  else (lambda module: module))
+        fp32 = pack is None and not self.pack
+        self.rowmm = fp32 and rowmm_supported(model) is None
+        self.weight_major = fp32 and not self.rowmm and weight_major_supported(model) is None
+        linear = (packed if self.pack else row_linear if self.rowmm
+                  else weight_major if self.weight_major else (lambda module: module))
         self.head = linear(head)
         names = ("q_proj", "k_proj", "v_proj", "o_proj")
         self.projections = [
             [linear(getattr(layer.self_attn, n)) for n in names]
             + [linear(getattr(layer.mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")]
             for layer in self.decoder.layers[: model.config.num_hidden_layers]
-        ] if self.pack or self.weight_major else None
+        ] if self.pack or self.rowmm or self.weight_major else None
         self.apply_rotary_pos_emb = apply_rotary_pos_emb
         config = model.config
         self.num_layers = config.num_hidden_layers

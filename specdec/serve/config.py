@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from specdec.models import DEFAULT_TARGET
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-DRAFT_DTYPES = DTYPES + ("int8",)  # int8: the draft's linears quantized at load (specdec.quant)
+# int8 / w8: the draft's linears quantized at load (specdec.quant), CPU only
+DRAFT_DTYPES = DTYPES + ("int8", "w8")
 
 
 @dataclass
@@ -100,10 +101,10 @@ def build_engine(cfg: ServeConfig):
     if cfg.draft is not None:
         draft_dtype = (recommended(cfg.draft).get("draft_dtype")
                        if cfg.draft_dtype == "auto" else cfg.draft_dtype)
-        if draft_dtype == "int8" and cfg.draft_dtype == "auto" and device != "cpu":
+        if draft_dtype in ("int8", "w8") and cfg.draft_dtype == "auto" and device != "cpu":
             draft_dtype = None  # recommended on a CPU; elsewhere the target's dtype
-        if draft_dtype == "int8":
-            draft, draft_tokenizer = load_draft(cfg.draft, "int8", device=device)
+        if draft_dtype in ("int8", "w8"):
+            draft, draft_tokenizer = load_draft(cfg.draft, draft_dtype, device=device)
         else:
             draft, draft_tokenizer = load_model(cfg.draft, dtype=dtype_of(draft_dtype, dtype),
                                                 device=device)

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# The README's int8 frontier: the drafts of scripts/speed_round.sh (keep 12 and drop 6: pruned,
-# SFT, self-distilled) plus the unpruned target as a quantization-only reference, each as an
-# fp32 and an int8 draft, on a quiet machine (nothing else running), writing each draft's
-# recommended settings; then bench/latency.py on the fastest draft with those settings.
+# The README's CPU frontier: the drafts of scripts/speed_round.sh (keep 12 and drop 6: pruned,
+# SFT, self-distilled) plus the unpruned target as a quantization-only reference, each in the
+# draft dtypes $DTYPES (default fp32 and w8: int8 weights on the rowmm kernel), on a quiet
+# machine (nothing else running), writing each draft's recommended settings; then
+# bench/latency.py on the fastest draft with those settings. Results: bench/results/$NAME*.
 #
-#   THREADS=1 bash scripts/frontier_int8.sh [extra bench/frontier.py flags]   # ~40 min
+#   THREADS=1 bash scripts/frontier_cpu.sh [extra bench/frontier.py flags]   # ~40 min
+#   DTYPES=fp32,int8 NAME=frontier-int8 SPECDEC_ROWMM=0 THREADS=1 bash scripts/frontier_cpu.sh
+#     (the 2026-12-03 int8 run, before the rowmm kernel)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
 H=runs/speed
+NAME="${NAME:-frontier-cpu}"
 args=()
 for d in keep12/pruned keep12/sft keep12/sd drop6/pruned drop6/sft drop6/sd; do
     [[ -f "$H/$d/specdec.json" ]] && args+=(--draft "${d/\//-}=$H/$d")
@@ -25,13 +29,13 @@ if [[ ! -f $H/full30/config.json ]]; then  # the target itself, as a draft (hard
     done
 fi
 args+=(--draft "unpruned target:full30=$H/full30")
-"$PY" bench/frontier.py "${args[@]}" --draft-dtypes fp32,int8 \
+"$PY" bench/frontier.py "${args[@]}" --draft-dtypes "${DTYPES:-fp32,w8}" \
     --vocab-data $H/distilled-384.jsonl --vocab-n 0,8192 --ks 1,2,3,4 --n 40 \
     --max-new-tokens 64 --threads "${THREADS:-2}" --e2e-best 3 --e2e-prompts 16 \
-    --new-tokens 128 --write-recommended --out bench/results/frontier-int8 "$@" \
-    | tee bench/results/frontier-int8.log
-best=$("$PY" -c "import json; r = json.load(open('bench/results/frontier-int8/frontier.json')); \
+    --new-tokens 128 --write-recommended --out "bench/results/$NAME" "$@" \
+    | tee "bench/results/$NAME.log"
+best=$("$PY" -c "import json; r = json.load(open('bench/results/$NAME/frontier.json')); \
 rows = [x for x in r['rows'] if 'measured_speedup' in x]; \
 print(max(rows, key=lambda x: x['measured_speedup'])['path'])")
 "$PY" bench/latency.py --draft "$best" --threads "${THREADS:-2}" --prompts 16 --new-tokens 128 \
-    --repeats 1 --out bench/results/latency-int8.json | tee bench/results/latency-int8.log
+    --repeats 1 --out "bench/results/$NAME-latency.json" | tee "bench/results/$NAME-latency.log"

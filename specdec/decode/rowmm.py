@@ -1,0 +1,217 @@
+"""Few-row matrix products for CPU decoding: `rowmm.c`, compiled once here with gcc.
+
+Decoding at batch 1 multiplies 1 to k + 1 rows (the tokens of a step) by every weight matrix
+of the model, so a forward costs what streaming the weights from memory costs. MKL's products
+for that shape stream far below this machine's bandwidth and grow with the rows: on a 2-core
+AVX2 EPYC (1 thread), SmolLM2's 30 layers of projections took 35 ms for 1 row, 53 for 2 and
+66 for 3 (F.linear), and its 49,152 x 576 head 10.5 / 22 ms for 1 / 2 rows. `rowmm.c` keeps
+each weight tile-major (16 outputs x all inputs, contiguous), streams it once per call whatever
+the rows, and accumulates every output with one fused multiply-add per input, in order: 25.6 /
+28.1 / 40 ms for the projections and 8.0 / 7.8 ms for the head. So a verification of k = 1
+(2 rows) costs about what one token costs, and the target decoding alone gets faster too.
+
+Row-invariant by construction: a row's outputs are computed the same way whatever rows share
+the call, so the logits of a (k + 1)-row verification equal k + 1 one-row forwards bit for bit
+(greedy identity does not rest on near-ties), tested. Against MKL they differ by rounding.
+
+int8 weights (`Int8RowLinear`, the draft dtype ``w8``): the same kernel on int8 weights with
+one fp32 scale per output channel, activations fp32: a quarter of the bytes, dequantized in
+registers. Weight-only quantization needs no activation calibration and keeps down_proj and
+the head (which per-tensor activation quantization cannot hold, `specdec.quant`) in int8 too.
+
+Only for fp32 on x86-64 CPUs with AVX2 + FMA and a C compiler (``$CC``, default gcc); the
+shared library is built into ``$SPECDEC_CACHE/ext/`` (named by the source's hash, written
+atomically). Anywhere else `rowmm_supported` says why and the callers keep their other paths;
+``SPECDEC_ROWMM=0`` turns it off. Single-threaded: it is the path of the 1-thread setting the
+benchmarks report (`bench/frontier.py`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TILE = 16  # outputs per tile (two AVX2 registers)
+MAX_ROWS = 16  # rows (tokens) a call takes the kernel for; more (a prefill) go to F.linear
+_SOURCE = Path(__file__).with_name("rowmm.c")
+_CACHE = "_specdec_rowmm"
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+
+
+def _build() -> ctypes.CDLL:
+    from specdec.hub import cache_dir
+
+    source = _SOURCE.read_bytes()
+    compiler = os.environ.get("CC") or "gcc"
+    flags = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC"]
+    tag = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
+    out = cache_dir() / "ext" / f"rowmm-{tag}.so"
+    if not out.exists():
+        if shutil.which(compiler) is None:
+            raise OSError(f"no C compiler {compiler!r} on PATH (install gcc or set CC)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            tmp_out = Path(tmp) / out.name
+            done = subprocess.run([compiler, *flags, "-o", str(tmp_out), str(_SOURCE)],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                raise OSError(f"{compiler} failed on {_SOURCE.name}: {done.stderr.strip()[:500]}")
+            os.replace(tmp_out, out)
+    lib = ctypes.CDLL(str(out))
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    lib.rowmm_f32.argtypes = [p, i, i, p, i, p, i, i]
+    lib.rowmm_i8.argtypes = [p, i, i, p, p, i, p, i, i]
+    lib.rowmm_f32.restype = lib.rowmm_i8.restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels (built on first use), or None where they cannot run (see
+    `rowmm_supported`)."""
+    global _lib, _error
+    if _lib is None and _error is None:
+        if os.environ.get("SPECDEC_ROWMM", "1") == "0":
+            _error = "turned off (SPECDEC_ROWMM=0)"
+        elif torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+            _error = (f"this CPU has no AVX2 + FMA (torch reports "
+                      f"{torch.backends.cpu.get_cpu_capability()})")
+        else:
+            try:
+                _lib = _build()
+            except OSError as e:
+                _error = f"the kernel could not be built: {e}"
+    return _lib
+
+
+def rowmm_supported(model: nn.Module | None = None) -> str | None:
+    """None when `model`'s (fp32, CPU) linears can take the kernel here, else why not."""
+    if model is not None:
+        weight = next(model.parameters())
+        if weight.device.type != "cpu":
+            return f"the model is on {weight.device.type}, not the CPU"
+        if weight.dtype != torch.float32:
+            return f"the model is {weight.dtype}, not float32"
+    return None if library() is not None else _error
+
+
+def tile_major(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> [ceil(out / 16), in, 16]: tile t holds outputs 16 t .. 16 t + 15, input by
+    input (zero rows pad the last tile)."""
+    out, inp = weight.shape
+    tiles = -(-out // TILE)
+    padded = weight.new_zeros(tiles * TILE, inp)
+    padded[:out] = weight
+    return padded.view(tiles, TILE, inp).transpose(1, 2).contiguous()
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (q [out, in] int8, scale [out] fp32), weight ~ q * scale."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _check(x: torch.Tensor, inp: int) -> torch.Tensor:
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"rowmm takes fp32 CPU inputs, got {x.dtype} on {x.device.type}")
+    if x.shape[-1] != inp:
+        raise ValueError(f"rowmm: input has {x.shape[-1]} features, the weight {inp}")
+    return x.reshape(-1, inp).contiguous()
+
+
+def matmul_f32(x: torch.Tensor, tiles: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [..., in] @ W^T with W as `tile_major(W)`: [..., out_features]."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"rowmm is not available: {_error}")
+    rows = _check(x, tiles.shape[1])
+    y = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
+    lib.rowmm_f32(rows.data_ptr(), rows.shape[0], rows.shape[1], tiles.data_ptr(), out_features,
+                  y.data_ptr(), 0, tiles.shape[0])
+    return y.view(*x.shape[:-1], out_features)
+
+
+def matmul_i8(x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor, out_features: int
+              ) -> torch.Tensor:
+    """x [..., in] @ (q * scale)^T with q as `tile_major(q)` (int8) and `scale` padded to the
+    tiles: [..., out_features]."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"rowmm is not available: {_error}")
+    rows = _check(x, tiles.shape[1])
+    y = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
+    lib.rowmm_i8(rows.data_ptr(), rows.shape[0], rows.shape[1], tiles.data_ptr(),
+                 scale.data_ptr(), out_features, y.data_ptr(), 0, tiles.shape[0])
+    return y.view(*x.shape[:-1], out_features)
+
+
+def row_linear(linear: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> linear(x) through the kernel for up to `MAX_ROWS` rows (an fp32 ``nn.Linear``;
+    its tile-major copy is cached on the module and rebuilt when the weight changes), else
+    ``linear(x)``. `Int8RowLinear` and any other module are returned unchanged."""
+    if type(linear) is not nn.Linear or linear.weight.dtype != torch.float32:
+        return linear
+    weight = linear.weight
+    version = -1 if weight.is_inference() else weight._version  # inference tensors have none
+    key = (weight.data_ptr(), version, tuple(weight.shape))
+    cached = getattr(linear, _CACHE, None)
+    if cached is None or cached[0] != key:
+        with torch.inference_mode(False), torch.no_grad():
+            cached = (key, tile_major(weight.detach()))
+        object.__setattr__(linear, _CACHE, cached)  # not a submodule, not a parameter
+    tiles, bias, out_features = cached[1], linear.bias, linear.out_features
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.numel() // x.shape[-1] > MAX_ROWS:
+            return linear(x)
+        y = matmul_f32(x, tiles, out_features)
+        return y if bias is None else y + bias
+
+    return forward
+
+
+class Int8RowLinear(nn.Module):
+    """``linear`` with int8 weights (symmetric, per output channel) and fp32 activations.
+
+    Up to `MAX_ROWS` rows run `rowmm.c`'s int8 kernel (a quarter of the fp32 bytes); more rows
+    (a prefill, teacher-forced scoring) run ``F.linear`` on the dequantized weights: the same
+    model, so the draft's cache and its scores are the quantized draft's. ``weight`` / ``bias``
+    stay the fp32 originals (a tied embedding stays tied; `specdec.vocab` cuts a sub-head from
+    them, quantized again per row: the same rows, the same scales)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if not isinstance(linear, nn.Linear) or linear.weight.dtype != torch.float32:
+            raise ValueError("Int8RowLinear wraps an fp32 nn.Linear")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        with torch.no_grad():
+            q, scale = quantize_weight(linear.weight.detach().cpu())
+            self._dequant = q.float() * scale[:, None]
+            self._tiles = tile_major(q)
+            self._scale = torch.ones(self._tiles.shape[0] * TILE)
+            self._scale[: self.out_features] = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.numel() // x.shape[-1] > MAX_ROWS or x.dtype != torch.float32
+                or library() is None):
+            y = F.linear(x.float(), self._dequant)
+        else:
+            y = matmul_i8(x, self._tiles, self._scale, self.out_features)
+        y = y if self.bias is None else y + self.bias
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
