@@ -4,6 +4,7 @@
     python bench/latency.py --threads 1 --prompts 4 --repeats 2 --new-tokens 64
     python bench/latency.py --draft runs/x/sd --dtype bf16 --ks 1,2,4
     python bench/latency.py --draft runs/x/sd     # k, draft vocabulary and dtype from its specdec.json
+    python bench/latency.py --draft runs/x/sd --threads 1 --concurrent   # + the draft on core 2
 
 A draft dir's recorded settings (``recommended`` in its specdec.json, written by
 ``bench/frontier.py --write-recommended``) are the defaults: its k (unless ``--ks``), its
@@ -23,7 +24,11 @@ every method decodes exactly ``--new-tokens`` tokens (EOS ignored: Hugging Face 
 * ``hf-generate``   ``target.generate`` alone;
 * ``ours k=K``      our engine with the draft, K draft tokens per step;
 * ``hf-assist k=K`` Hugging Face assisted generation with the same draft
-                    (``num_assistant_tokens=K``, constant schedule, confidence threshold 0).
+                    (``num_assistant_tokens=K``, constant schedule, confidence threshold 0);
+* with ``--concurrent``: ``ours-concurrent k=K`` (`specdec.decode.concurrent`: the draft
+  drafts in a worker process on another core while the target verifies) and
+  ``ours-target 2 threads`` (our target alone given the second core); ``best_vs_ours_target``
+  is then against the faster of our two target-only decodes.
 
 After one warm-up call per method, every (repeat, prompt) runs all methods back to back in an
 order rotated per prompt (this machine is shared and noisy); tokens/s is the median over those
@@ -48,6 +53,7 @@ Prints a table, writes ``bench/results/latency.json`` (atomically) and ends with
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import json
 import os
@@ -92,6 +98,10 @@ class LatencyConfig:
     # attention call per verification instead of the row-exact one ("batched-verify") and
     # without the prepacked bf16 linears ("unpacked"; the same as ours in fp32)
     ablation: bool = False
+    # also time specdec.decode.concurrent (the draft in a worker process on another core,
+    # needs --draft DIR) and our target alone on 2 threads; speedups are then against the
+    # faster of our two target-only decodes
+    concurrent: bool = False
     cost_reps: int = 20  # pairs of forwards timed per measured cost ratio
     out: str = "bench/results/latency.json"
 
@@ -139,6 +149,9 @@ def validate(cfg: LatencyConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.threads < 0:
         raise ValueError(f"--threads must be >= 0 (0 = torch's default), got {cfg.threads}")
+    if cfg.concurrent and (not cfg.draft or cfg.device != "cpu"):
+        raise ValueError("--concurrent drafts in a worker process that loads the draft from its "
+                         "dir, on the CPU: give --draft DIR (and --device cpu)")
     if cfg.draft and not Path(cfg.draft).is_dir():
         raise ValueError(f"--draft {cfg.draft!r} is not a directory; give a checkpoint dir "
                          "(e.g. one under runs/) or leave it empty to prune the target here")
@@ -236,10 +249,25 @@ Method = Callable[[list[int], int], Run]  # (prompt, new tokens) -> Run
 def our_method(target, draft, k: int, lean: bool = True, draft_vocab=None,
                row_exact: bool | None = None, pack: bool | None = None) -> Method:
     from specdec.decode.engine import SpeculativeEngine
-    from specdec.decode.sampling import SamplingParams
 
     engine = SpeculativeEngine(target, draft, k=max(k, 1), lean=lean, row_exact=row_exact,
                                pack_linears=pack, draft_vocab=draft_vocab if draft is not None else None)
+    return engine_method(engine)
+
+
+def concurrent_method(target, cfg: LatencyConfig, k: int) -> Method:
+    """`ConcurrentEngine` with the draft --draft in a worker process (1 thread)."""
+    from specdec.decode.concurrent import ConcurrentEngine, DraftSpec
+
+    spec = DraftSpec(cfg.draft, dtype=cfg.draft_dtype, vocab=cfg.draft_vocab)
+    engine = ConcurrentEngine(target, spec, k=k)
+    atexit.register(engine.close)
+    return engine_method(engine)
+
+
+def engine_method(engine) -> Method:
+    """Greedy decoding of one prompt, EOS ignored, timed, through our `engine`."""
+    from specdec.decode.sampling import SamplingParams
 
     def run(prompt: list[int], new_tokens: int) -> Run:
         params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
@@ -247,6 +275,18 @@ def our_method(target, draft, k: int, lean: bool = True, draft_vocab=None,
         (r,) = engine.generate([prompt], params)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         return Run(r.token_ids, seconds, cpu, r.steps, r.accepted, r.drafted)
+
+    return run
+
+
+def with_threads(method: Method, threads: int) -> Method:
+    def run(prompt: list[int], new_tokens: int) -> Run:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return method(prompt, new_tokens)
+        finally:
+            torch.set_num_threads(before)
 
     return run
 
@@ -373,11 +413,15 @@ def run(cfg: LatencyConfig, console: Console | None = None) -> dict[str, Any]:
     methods["ours-target"] = our_method(target, None, 0)
     if cfg.hf:
         methods["hf-generate"] = hf_method(target, None, 0, pad)
+    if cfg.concurrent:
+        methods["ours-target 2 threads"] = with_threads(methods["ours-target"], 2)
     if cfg.ablation:
         methods["ours-target hf-fwd"] = our_method(target, None, 0, lean=False)
         methods["ours-target unpacked"] = our_method(target, None, 0, pack=False)
     for k in ks:
         methods[f"ours k={k}"] = our_method(target, draft, k, draft_vocab=vocab)
+        if cfg.concurrent:
+            methods[f"ours-concurrent k={k}"] = concurrent_method(target, cfg, k)
         if cfg.hf:
             methods[f"hf-assist k={k}"] = hf_method(target, draft, k, pad)
         if cfg.ablation:
@@ -421,7 +465,7 @@ def run(cfg: LatencyConfig, console: Console | None = None) -> dict[str, Any]:
                                   for j, r in enumerate(rs)) / len(rs)
         row["cpu_tok_s"] = statistics.median(cfg.new_tokens / r.cpu_seconds for r in rs)
         k = row["k"]
-        bases = [b for b in ("ours-target", "hf-generate") if b in runs]
+        bases = [b for b in ("ours-target", "ours-target 2 threads", "hf-generate") if b in runs]
         if k is not None and cfg.hf and not name.startswith("hf-"):
             bases.append(f"hf-assist k={k}")
         for base in bases:
@@ -433,8 +477,11 @@ def run(cfg: LatencyConfig, console: Console | None = None) -> dict[str, Any]:
             committed = sum(r.accepted + r.steps for r in rs)
             tau = committed / steps
             alpha = alpha_from_tau(tau, k)
-            row.update(acceptance=sum(r.accepted for r in rs) / sum(r.drafted for r in rs),
+            row.update(acceptance=sum(r.accepted for r in rs) / max(sum(r.drafted for r in rs), 1),
                        mal=tau, alpha_fit=alpha)
+            if name.startswith("ours-concurrent"):  # the cost model is for drafting in turn
+                rows.append(row)
+                continue
             measured = flops.spec_cost(target.config, draft.config, k, alpha, context=int(context),
                                        cost_ratio=costs["cost_ratio"])
             by_flops = flops.spec_cost(target.config, draft.config, k, alpha, context=int(context))
@@ -530,15 +577,19 @@ def print_table(result: dict[str, Any], console: Console) -> None:
 
 def summary(result: dict[str, Any], out: Path) -> dict[str, Any]:
     rows = {r["method"]: r for r in result["rows"]}
-    spec = [r for r in result["rows"]
-            if r["method"].startswith("ours k=") and not r["method"].endswith(ABLATIONS)]
+    spec = [r for r in result["rows"] if r["method"].startswith(("ours k=", "ours-concurrent k="))
+            and not r["method"].endswith(ABLATIONS)]
     best = max(spec, key=lambda r: r["tok_s"]) if spec else None
+    # the baseline: our fastest target-only decode (1 thread, or 2 with --concurrent)
+    base = max((b for b in ("ours-target", "ours-target 2 threads") if b in rows),
+               key=lambda b: rows[b]["tok_s"])
     s: dict[str, Any] = {
         "bench": "latency", "dtype": result["config"]["dtype"],
         "draft_dtype": result["config"].get("draft_dtype") or result["config"]["dtype"],
         "draft_vocab_n": result["draft"].get("draft_vocab_n"), "threads": result["threads"],
         "load_average": round(result["load_average"]["start"][0], 2),
         "ours_target_tok_s": round(rows["ours-target"]["tok_s"], 3),
+        "baseline": base, "baseline_tok_s": round(rows[base]["tok_s"], 3),
         "cost_ratio": round(result["costs"]["cost_ratio"], 3),
     }
     if "hf-generate" in rows:
@@ -546,8 +597,8 @@ def summary(result: dict[str, Any], out: Path) -> dict[str, Any]:
         s["ours_target_vs_hf_generate"] = round(rows["ours-target"]["vs_hf-generate"], 3)
         s["ours_target_vs_hf_generate_cpu"] = round(rows["ours-target"]["cpu_vs_hf-generate"], 3)
     if best is not None:
-        s.update(best_k=best["k"], best_tok_s=round(best["tok_s"], 3),
-                 best_vs_ours_target=round(best["vs_ours-target"], 3),
+        s.update(best_method=best["method"], best_k=best["k"], best_tok_s=round(best["tok_s"], 3),
+                 best_vs_ours_target=round(best[f"vs_{base}"], 3),
                  best_mal=round(best["mal"], 3))
         if "vs_hf-assist" in best:
             s["ours_vs_hf_assist"] = {str(r["k"]): round(r["vs_hf-assist"], 3) for r in spec}

@@ -104,3 +104,42 @@ def test_table_and_summary(latency, tmp_path):
     assert s["all_tokens_match"] and not s["hf_tokens_match"]
     rows[2]["tokens_match"] = 0.5
     assert not latency.summary(result, tmp_path / "latency.json")["all_tokens_match"]
+
+
+@pytest.mark.slow
+def test_concurrent_method(latency, pair, tmp_path):
+    """--concurrent: the draft in a worker process, loaded from its dir; same tokens."""
+    from conftest import tiny_chat_tokenizer
+
+    from specdec.models import save_checkpoint
+
+    target, draft = pair
+    path = save_checkpoint(draft, tiny_chat_tokenizer(), tmp_path / "draft", {"stage": "test"})
+    cfg = latency.LatencyConfig(draft=str(path), draft_dtype="fp32", concurrent=True)
+    latency.validate(cfg)
+    prompt = [1, 5, 9, 13, 2, 40]
+    want = latency.our_method(target, None, 0)(prompt, 12).tokens
+    two = latency.with_threads(latency.our_method(target, None, 0), 2)
+    assert two(prompt, 12).tokens == want and torch.get_num_threads() != 0
+    run = latency.concurrent_method(target, cfg, 3)(prompt, 12)
+    assert run.tokens == want and run.steps >= 1
+    with pytest.raises(ValueError, match="--concurrent"):
+        latency.validate(latency.LatencyConfig(concurrent=True))
+
+
+def test_summary_against_the_faster_target_only_decode(latency, tmp_path):
+    """With --concurrent our target alone also runs on 2 threads; the best method's speedup is
+    against whichever of the two target-only decodes was faster."""
+    rows = [
+        {"method": "ours-target", "k": None, "tok_s": 10.0, "tokens_match": 1.0},
+        {"method": "ours-target 2 threads", "k": None, "tok_s": 11.0, "tokens_match": 1.0},
+        {"method": "ours k=2", "k": 2, "tok_s": 9.0, "tokens_match": 1.0,
+         "vs_ours-target": 0.9, "vs_ours-target 2 threads": 0.82, "mal": 1.5},
+        {"method": "ours-concurrent k=2", "k": 2, "tok_s": 13.0, "tokens_match": 1.0,
+         "vs_ours-target": 1.3, "vs_ours-target 2 threads": 1.18, "mal": 1.6},
+    ]
+    result = {"config": {"dtype": "fp32"}, "draft": {}, "threads": 1, "rows": rows,
+              "load_average": {"start": [1.0, 1, 1]}, "costs": {"cost_ratio": 0.5}}
+    s = latency.summary(result, tmp_path / "latency.json")
+    assert s["best_method"] == "ours-concurrent k=2" and s["baseline"] == "ours-target 2 threads"
+    assert s["best_vs_ours_target"] == 1.18 and s["all_tokens_match"]

@@ -263,3 +263,26 @@ def test_weight_major_linear():
     assert weight_major(other) is other
     assert weight_major_supported(torch.nn.Linear(4, 4)) is None
     assert "not float32" in weight_major_supported(other)
+
+
+def test_truncate_drops_the_tail_of_a_dense_cache(model):
+    """BatchKV.truncate (the concurrent drafter's rollback): the same logits as a cache that
+    never held the dropped slots (to rounding: a 5-token prefill attends in other blocks than a
+    3-token one); a cache with holes refuses."""
+    ids = torch.randint(0, 97, (1, 7), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        kv = BatchKV(model, 1, torch.device("cpu"), 16)
+        kv.forward(ids[:, :5])
+        kv.truncate(3)
+        assert kv.width == 3 and kv.lengths == [3]
+        got = kv.forward(ids[:, 5:])
+        fresh = BatchKV(model, 1, torch.device("cpu"), 16)
+        fresh.forward(ids[:, :3])
+        torch.testing.assert_close(got, fresh.forward(ids[:, 5:]), rtol=1e-5, atol=1e-5)
+        kv.truncate(1)
+        assert kv.width == 1 and kv.lengths == [1]
+        holes = BatchKV(model, 2, torch.device("cpu"), 16)
+        holes.forward(torch.ones(2, 3, dtype=torch.int64),
+                      torch.tensor([[False, True, True], [True, True, True]]), [2, 3])
+        with pytest.raises(ValueError, match="dense"):
+            holes.truncate(1)

@@ -302,6 +302,16 @@ class BatchKV:
             self._width = width - crop
         self._maybe_dense()
 
+    def truncate(self, width: int) -> None:
+        """Keep the first `width` slots of a dense cache (batch 1 always is), drop the rest."""
+        if self.valid is not None:
+            raise ValueError("truncate needs a dense cache (every slot valid)")
+        drop = self._width - width
+        if drop > 0:
+            self.cache.crop(-drop)
+            self._width = width
+            self.lengths = [length - drop for length in self.lengths]
+
     def select(self, rows: torch.Tensor, host_rows: Sequence[int]) -> None:
         """Keep only `rows` of the batch ([n] int64 on the device, `host_rows` the same)."""
         self.cache.batch_select_indices(rows)
