@@ -1,5 +1,12 @@
 """int8 drafts on the CPU: a draft's linears quantized once at load, for decoding only.
 
+Two flavours. ``w8`` (`quantize_weights`): int8 weights only, activations fp32, every
+projection and the head, on `specdec.decode.rowmm`'s few-row kernel -- no calibration, 96% greedy
+agreement with fp32 for the whole SmolLM2, the faster and the better where that kernel runs (an
+AVX2 CPU with a C compiler). ``int8`` (`quantize_linears`, below): PyTorch's dynamic
+quantization, activations int8 too, which needs the smoothing and the fp32 exceptions described
+here; the choice where rowmm cannot run.
+
 A draft's forward costs what its weights cost to read: at batch 1 on a CPU each fp32 decoder
 layer streams its 14 MB of weights for one token. Quantizing the *draft's* projections to int8
 (per output channel, symmetric; activations quantized per call -- PyTorch's dynamic

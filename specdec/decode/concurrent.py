@@ -36,9 +36,11 @@ per step). Greedy output is the target alone's; sampled output is distributed as
 exercised).
 
 Costs: one extra process (the draft's weights live there; the target's stay here), a pipe
-message per draft token (~50 us; sampled drafts carry their logits), and the two processes
-share the memory bandwidth: measured here, a target forward slows ~1.07x with a draft drafting
-on the other core. The draft is given as a path (`DraftSpec`: loaded in the worker with
+message per draft token (sampled drafts carry their logits), and the two processes share the
+memory bandwidth: on a 2-core AVX2 EPYC a target forward slowed ~1.07x with an int8 drop-6
+draft drafting on the other core. It pays only for a draft that is nearly always right: the
+target never waits, so tokens per target forward are capped by how far the draft gets ahead,
+and every wrong draft costs the worker a re-draft (README, "First speedups"). The draft is given as a path (`DraftSpec`: loaded in the worker with
 `specdec.quant.load_draft`, its trimmed vocabulary from its sidecar), not as a model object.
 """
 

@@ -34,7 +34,8 @@ class ServeConfig:
         "choices": DTYPES, "help": "weights' dtype (auto: bf16 on CUDA, fp32 on the CPU)"})
     draft_dtype: str = field(default="auto", metadata={
         "choices": DRAFT_DTYPES, "help": "the draft's dtype (auto: its recommended one, else "
-        "--dtype; int8: fp32 weights quantized at load, CPU only)"})
+        "--dtype; int8 / w8: fp32 weights quantized at load, CPU only -- w8 int8 weights "
+        "with fp32 activations on the rowmm kernel)"})
     draft_vocab: str = field(default="auto", metadata={
         "help": "auto (the draft's trimmed vocabulary, draft_vocab.json, if it has one) | full | "
                 "a path to a draft_vocab.json (default: auto)"})
