@@ -53,7 +53,6 @@ Prints a table, writes ``bench/results/latency.json`` (atomically) and ends with
 from __future__ import annotations
 
 import argparse
-import atexit
 import copy
 import json
 import os
@@ -64,12 +63,24 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the timed decoding methods (re-exported here: frontier.py and peers.py use them as lat.*)
+from decoders import (  # noqa: E402
+    Method,
+    Run,
+    concurrent_method,
+    hf_method,
+    our_method,
+    sync,
+    with_threads,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # method-name suffixes of the --ablation rows (verification: the one the engine does not use)
@@ -230,93 +241,6 @@ def load_prompts(tokenizer, n: int) -> list[list[int]]:
     return [chat_ids(tokenizer, r.prompt()) for r in load_records("mt-bench", n=n)]
 
 
-# ----------------------------------------------------------------------------- methods
-
-
-@dataclass
-class Run:
-    tokens: list[int]
-    seconds: float  # wall clock
-    cpu_seconds: float  # CPU time of this process (less sensitive to a busy machine's scheduler)
-    steps: int = 0
-    accepted: int = 0
-    drafted: int = 0
-
-
-Method = Callable[[list[int], int], Run]  # (prompt, new tokens) -> Run
-
-
-def our_method(target, draft, k: int, lean: bool = True, draft_vocab=None,
-               row_exact: bool | None = None, pack: bool | None = None) -> Method:
-    from specdec.decode.engine import SpeculativeEngine
-
-    engine = SpeculativeEngine(target, draft, k=max(k, 1), lean=lean, row_exact=row_exact,
-                               pack_linears=pack, draft_vocab=draft_vocab if draft is not None else None)
-    return engine_method(engine)
-
-
-def concurrent_method(target, cfg: LatencyConfig, k: int) -> Method:
-    """`ConcurrentEngine` with the draft --draft in a worker process (1 thread)."""
-    from specdec.decode.concurrent import ConcurrentEngine, DraftSpec
-
-    spec = DraftSpec(cfg.draft, dtype=cfg.draft_dtype, vocab=cfg.draft_vocab)
-    engine = ConcurrentEngine(target, spec, k=k)
-    atexit.register(engine.close)
-    return engine_method(engine)
-
-
-def engine_method(engine) -> Method:
-    """Greedy decoding of one prompt, EOS ignored, timed, through our `engine`."""
-    from specdec.decode.sampling import SamplingParams
-
-    def run(prompt: list[int], new_tokens: int) -> Run:
-        params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-        c0, t0 = time.process_time(), time.perf_counter()
-        (r,) = engine.generate([prompt], params)
-        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-        return Run(r.token_ids, seconds, cpu, r.steps, r.accepted, r.drafted)
-
-    return run
-
-
-def with_threads(method: Method, threads: int) -> Method:
-    def run(prompt: list[int], new_tokens: int) -> Run:
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            return method(prompt, new_tokens)
-        finally:
-            torch.set_num_threads(before)
-
-    return run
-
-
-def hf_method(target, draft, k: int, pad_token_id: int) -> Method:
-    device = next(target.parameters()).device
-
-    def run(prompt: list[int], new_tokens: int) -> Run:
-        gen = copy.deepcopy(target.generation_config)
-        gen.update(max_new_tokens=new_tokens, min_new_tokens=None, max_length=None,
-                   do_sample=False, temperature=None, top_p=None, top_k=None, eos_token_id=None,
-                   pad_token_id=pad_token_id)
-        kwargs: dict[str, Any] = {"generation_config": gen}
-        if draft is not None:
-            kwargs["assistant_model"] = draft
-        if draft is not None:  # assisted generation reads these from the assistant's config
-            draft.generation_config.num_assistant_tokens = k
-            draft.generation_config.num_assistant_tokens_schedule = "constant"
-            draft.generation_config.assistant_confidence_threshold = 0.0
-        ids = torch.tensor([prompt], device=device)
-        c0, t0 = time.process_time(), time.perf_counter()
-        with torch.inference_mode():
-            out = target.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-        _sync(device)
-        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-        return Run(out[0, len(prompt):].tolist(), seconds, cpu)
-
-    return run
-
-
 # ------------------------------------------------------------------------ measurement
 
 
@@ -345,10 +269,10 @@ def measure_costs(target, draft, prompt: list[int], ks: list[int], reps: int,
 
         def forward_s(name: str, q: int) -> float:
             kv = kvs[name]
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             kv.forward(ids[:, -q:])
-            _sync(device)
+            sync(device)
             dt = time.perf_counter() - t0
             kv.reject(q, no_accept, [0])  # back to the prompt
             return dt
@@ -372,11 +296,6 @@ def measure_costs(target, draft, prompt: list[int], ks: list[int], reps: int,
         "cost_ratio_samples": ratios[("draft", 1)],
         "target_forward_samples_s": base,
     }
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def alpha_from_tau(tau: float, k: int) -> float:
@@ -421,7 +340,8 @@ def run(cfg: LatencyConfig, console: Console | None = None) -> dict[str, Any]:
     for k in ks:
         methods[f"ours k={k}"] = our_method(target, draft, k, draft_vocab=vocab)
         if cfg.concurrent:
-            methods[f"ours-concurrent k={k}"] = concurrent_method(target, cfg, k)
+            methods[f"ours-concurrent k={k}"] = concurrent_method(
+                target, cfg.draft, cfg.draft_dtype, cfg.draft_vocab, k)
         if cfg.hf:
             methods[f"hf-assist k={k}"] = hf_method(target, draft, k, pad)
         if cfg.ablation:

@@ -121,7 +121,7 @@ def test_concurrent_method(latency, pair, tmp_path):
     want = latency.our_method(target, None, 0)(prompt, 12).tokens
     two = latency.with_threads(latency.our_method(target, None, 0), 2)
     assert two(prompt, 12).tokens == want and torch.get_num_threads() != 0
-    run = latency.concurrent_method(target, cfg, 3)(prompt, 12)
+    run = latency.concurrent_method(target, str(path), "fp32", "auto", 3)(prompt, 12)
     assert run.tokens == want and run.steps >= 1
     with pytest.raises(ValueError, match="--concurrent"):
         latency.validate(latency.LatencyConfig(concurrent=True))
