@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The drafts of the README's "int8 drafts" frontier, made on an AVX2-only CPU (fp32 throughout:
-# no native bf16 there): prune drop 6 and keep 12, distill 384 ShareGPT first turns with vLLM
+# no native bf16 there): prune drop 6, keep 12 and drop 3, distill 384 ShareGPT first turns with vLLM
 # in fp32, heal SFT and self-distilled drafts with one recipe per cut. Every stage skips or
 # resumes when it has already run, so the script can be rerun after an interruption.
 #
@@ -20,6 +20,8 @@ bash scripts/install_vllm.sh
     $P -m specdec.prune --keep 12 --start 3 --select angular --out $H/keep12/pruned
 [[ -f $H/drop6/pruned/specdec.json ]] || \
     $P -m specdec.prune --drop 6 --start 12 --select angular --out $H/drop6/pruned
+[[ -f $H/drop3/pruned/specdec.json ]] || \
+    $P -m specdec.prune --drop 3 --start 13 --select angular --out $H/drop3/pruned
 [[ -f $D ]] || $P -m specdec.distill --engine vllm --dtype float32 --n 384 \
     --max-answer-tokens 192 --batch-size 128 --vllm-kv-cache-gib 3 --out $D
 [[ -f $O ]] || $P -c "from pathlib import Path; from specdec.pipeline import write_original; \
@@ -38,5 +40,9 @@ ft() {  # ft OUT ARGS...: one fine-tune, skipped once its checkpoint is complete
   ft $H/drop6/sft --draft $H/drop6/pruned --data $O --lr 1e-4; } &
 { ft $H/keep12/sd --draft $H/keep12/pruned --data $D --lr 3e-4
   ft $H/keep12/sft --draft $H/keep12/pruned --data $O --lr 3e-4; } &
+wait
+# a shallow cut (added on the afternoon of 2026-12-03, for concurrent drafting)
+ft $H/drop3/sd --draft $H/drop3/pruned --data $D --lr 1e-4 &
+ft $H/drop3/sft --draft $H/drop3/pruned --data $O --lr 1e-4 &
 wait
 echo "speed round: drafts ready under $H"
