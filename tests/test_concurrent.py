@@ -9,7 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_tiny_llama, tiny_chat_tokenizer
-from test_decode_engine import PROMPTS, assert_same_greedy, drop_layers, spread
+from test_decode_engine import (  # noqa: F401  (one_thread, target: fixtures)
+    PROMPTS,
+    assert_same_greedy,
+    drop_layers,
+    one_thread,
+    spread,
+    target,
+)
 from test_decode_sampling import VOCAB, sample_first_three
 
 from specdec.decode.concurrent import ConcurrentEngine, DraftSpec, WorkerError
@@ -17,19 +24,6 @@ from specdec.decode.reference import target_generate
 from specdec.decode.sampling import SamplingParams
 from specdec.models import save_checkpoint
 from specdec.vocab import DraftVocab
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def target():
-    return spread(make_tiny_llama(seed=0))
 
 
 def save(model, path):

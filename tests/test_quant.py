@@ -13,7 +13,14 @@ import copy
 import pytest
 import torch
 from conftest import make_tiny_llama, save_tiny_chat_model
-from test_decode_engine import PROMPTS, assert_same_greedy, drop_layers, spread
+from test_decode_engine import (  # noqa: F401  (one_thread, target: fixtures)
+    PROMPTS,
+    assert_same_greedy,
+    drop_layers,
+    one_thread,
+    spread,
+    target,
+)
 from test_decode_sampling import VOCAB, sample_first_three
 
 from specdec import acceptance
@@ -32,19 +39,6 @@ from specdec.quant import (
 from specdec.vocab import DraftVocab
 
 SIGNIFICANCE = 1e-3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def target():
-    return spread(make_tiny_llama(seed=0))
 
 
 def int8_draft(model, keep, head=True, kind="int8"):
