@@ -20,6 +20,7 @@ def test_wheel_installs_and_imports_kernels(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "specdec/kernels/__init__.py" in names
     assert "specdec/decode/rowmm.c" in names  # the CPU kernel's source, compiled on first use
+    assert "specdec/decode/fused.c" in names
     assert not [n for n in names if n.startswith("kernels/")], "kernels must not be top-level"
 
     env_dir = tmp_path / "venv"

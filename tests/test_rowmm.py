@@ -97,3 +97,23 @@ def test_verification_logits_equal_one_token_logits_bitwise():
         for j in range(4):
             one = lean(new[:, j:j + 1], None, torch.tensor([[6 + j]]), alone, 0)
             assert torch.equal(one[0, 0], verified[0, j]), j
+
+
+def test_thread_count_does_not_change_a_result():
+    """The tiles are split over threads; every output is computed as on one thread."""
+    torch.manual_seed(4)
+    weight, x = torch.randn(333, 96), torch.randn(5, 96)
+    tiles = rowmm.tile_major(weight)
+    q, scale = rowmm.quantize_weight(weight)
+    tiles8, scale8 = rowmm.tile_major_i8(q), torch.ones(tiles.shape[0] * rowmm.TILE)
+    scale8[:333] = scale
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append((rowmm.matmul_f32(x, tiles, 333), rowmm.matmul_i8(x, tiles8, scale8, 333)))
+    finally:
+        torch.set_num_threads(before)
+    for f32, i8 in results[1:]:
+        assert torch.equal(f32, results[0][0]) and torch.equal(i8, results[0][1])

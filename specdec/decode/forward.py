@@ -107,6 +107,7 @@ class LeanLlamaForward:
     def __init__(self, model, head=None, row_exact: bool = False, pack: bool | None = None):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+        from specdec.decode.fused import FusedLlama, fused_supported
         from specdec.decode.packed import (
             packed,
             packing_supported,
@@ -143,10 +144,18 @@ class LeanLlamaForward:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.groups = self.num_heads // self.num_kv_heads
         self.row_exact = row_exact
+        # batch-1 decode steps and verifications in one C call (fused.py), where it runs
+        self.fused = None
+        if self.rowmm and fused_supported(model) is None:
+            self.fused = FusedLlama(model)
 
     def __call__(self, input_ids, attention_mask, position_ids, cache, logits_to_keep: int = 0):
         decoder = self.decoder
         batch, q = input_ids.shape
+        if self.fused is not None and self.fused.applies(batch, q, cache.layers[0].length,
+                                                         attention_mask):
+            hidden = self.fused(input_ids, position_ids, cache)
+            return self.head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         hidden = decoder.embed_tokens(input_ids)
         cos, sin = decoder.rotary_emb(hidden, position_ids)
         layers = cache.layers

@@ -109,16 +109,30 @@ class SlabLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         start, end = self.length, self.length + key_states.shape[-2]
+        self._grow(end)
+        self._k[:, :, start:end] = key_states
+        self._v[:, :, start:end] = value_states
+        self.length = end
+        return self._k[:, :, :end], self._v[:, :, :end]
+
+    def _grow(self, end: int) -> None:
+        """Make the buffers hold at least `end` slots (geometric growth, capped at capacity)."""
         allocated = self._k.shape[2]
         if end > allocated:
             size = max(end, 2 * allocated)
             if end <= self.capacity < size:
                 size = self.capacity
-            self._alloc(key_states, value_states, size)
-        self._k[:, :, start:end] = key_states
-        self._v[:, :, start:end] = value_states
-        self.length = end
-        return self._k[:, :, :end], self._v[:, :, :end]
+            self._alloc(self._k, self._v, size)
+
+    def reserve(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take the next `n` slots for a caller that writes them itself (`fused.FusedLlama`):
+        returns the whole buffers [batch, kv_heads, allocated, head_dim], the new slots at
+        length - n .. length - 1. The layer must hold something already."""
+        if not self.is_initialized:
+            raise RuntimeError("SlabLayer.reserve needs a layer that holds slots already")
+        self._grow(self.length + n)
+        self.length += n
+        return self._k, self._v
 
     def get_seq_length(self) -> int:
         return self.length

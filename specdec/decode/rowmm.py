@@ -22,8 +22,9 @@ the head (which per-tensor activation quantization cannot hold, `specdec.quant`)
 Only for fp32 on x86-64 CPUs with AVX2 + FMA and a C compiler (``$CC``, default gcc); the
 shared library is built into ``$SPECDEC_CACHE/ext/`` (named by the source's hash, written
 atomically). Anywhere else `rowmm_supported` says why and the callers keep their other paths;
-``SPECDEC_ROWMM=0`` turns it off. Single-threaded: it is the path of the 1-thread setting the
-benchmarks report (`bench/frontier.py`).
+``SPECDEC_ROWMM=0`` turns it off. Threads: ``torch.get_num_threads()`` of them (OpenMP, the
+libgomp PyTorch loads), each taking a range of output tiles, so the thread count never changes a
+result (tested).
 """
 
 from __future__ import annotations
@@ -43,18 +44,25 @@ from torch import nn
 
 TILE = 16  # outputs per tile (two AVX2 registers)
 MAX_ROWS = 16  # rows (tokens) a call takes the kernel for; more (a prefill) go to F.linear
-_SOURCE = Path(__file__).with_name("rowmm.c")
+_SOURCES = [Path(__file__).with_name(n) for n in ("rowmm.c", "fused.c")]  # one library
 _CACHE = "_specdec_rowmm"
 _lib: ctypes.CDLL | None = None
+
+
+class Mat(ctypes.Structure):
+    """fused.c's mat_t: one weight matrix as the kernels take it (scale None: fp32 tiles)."""
+    _fields_ = [("tiles", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+                ("in_features", ctypes.c_int64), ("out_features", ctypes.c_int64)]
+
 _error: str | None = None
 
 
 def _build() -> ctypes.CDLL:
     from specdec.hub import cache_dir
 
-    source = _SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in _SOURCES)
     compiler = os.environ.get("CC") or "gcc"
-    flags = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC"]
+    flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
     tag = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
     out = cache_dir() / "ext" / f"rowmm-{tag}.so"
     if not out.exists():
@@ -63,16 +71,22 @@ def _build() -> ctypes.CDLL:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             tmp_out = Path(tmp) / out.name
-            done = subprocess.run([compiler, *flags, "-o", str(tmp_out), str(_SOURCE)],
-                                  capture_output=True, text=True)
+            done = subprocess.run([compiler, *flags, "-o", str(tmp_out), *map(str, _SOURCES),
+                                   "-lm"], capture_output=True, text=True)
             if done.returncode != 0:
-                raise OSError(f"{compiler} failed on {_SOURCE.name}: {done.stderr.strip()[:500]}")
+                names = " + ".join(path.name for path in _SOURCES)
+                raise OSError(f"{compiler} failed on {names}: {done.stderr.strip()[:500]}")
             os.replace(tmp_out, out)
     lib = ctypes.CDLL(str(out))
     p, i = ctypes.c_void_p, ctypes.c_int64
     lib.rowmm_f32.argtypes = [p, i, i, p, i, p, i, i]
     lib.rowmm_i8.argtypes = [p, i, i, p, p, i, p, i, i]
     lib.rowmm_f32.restype = lib.rowmm_i8.restype = None
+    f, n = ctypes.c_float, ctypes.c_int
+    lib.fused_llama.argtypes = [i, i, p, p, p, i, p, p, p, p, p, p, f, i, i, i, i, i, f, n]
+    lib.rowmm_par.argtypes = [p, p, i, p, n]
+    lib.rowmm_par.restype = None
+    lib.fused_llama.restype = ctypes.c_int
     return lib
 
 
@@ -115,6 +129,19 @@ def tile_major(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(tiles, TILE, inp).transpose(1, 2).contiguous()
 
 
+def tile_major_i8(q: torch.Tensor) -> torch.Tensor:
+    """int8 [out, in] -> [ceil(out / 16), ceil(in / 2), 32], the int8 kernel's layout: inputs in
+    pairs, byte 4 d + e of a pair = W[16 t + d + 8 (e & 1), 2 p + (e >> 1)] (rowmm.c; zero rows
+    and a zero input pad the edges)."""
+    out, inp = q.shape
+    tiles, pairs = -(-out // TILE), -(-inp // 2)
+    padded = q.new_zeros(tiles * TILE, pairs * 2)
+    padded[:out, :inp] = q
+    # [tile, half h, d, pair, parity e'] -> [tile, pair, d, e', h]: byte 4 d + 2 e' + h
+    return (padded.view(tiles, 2, 8, pairs, 2).permute(0, 3, 2, 4, 1)
+            .reshape(tiles, pairs, 2 * TILE).contiguous())
+
+
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: (q [out, in] int8, scale [out] fp32), weight ~ q * scale."""
     w = weight.detach().float()
@@ -138,31 +165,32 @@ def matmul_f32(x: torch.Tensor, tiles: torch.Tensor, out_features: int) -> torch
         raise RuntimeError(f"rowmm is not available: {_error}")
     rows = _check(x, tiles.shape[1])
     y = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
-    lib.rowmm_f32(rows.data_ptr(), rows.shape[0], rows.shape[1], tiles.data_ptr(), out_features,
-                  y.data_ptr(), 0, tiles.shape[0])
+    lib.rowmm_par(ctypes.byref(Mat(tiles.data_ptr(), None, rows.shape[1], out_features)),
+                  rows.data_ptr(), rows.shape[0], y.data_ptr(), torch.get_num_threads())
     return y.view(*x.shape[:-1], out_features)
 
 
 def matmul_i8(x: torch.Tensor, tiles: torch.Tensor, scale: torch.Tensor, out_features: int
               ) -> torch.Tensor:
-    """x [..., in] @ (q * scale)^T with q as `tile_major(q)` (int8) and `scale` padded to the
-    tiles: [..., out_features]."""
+    """x [..., in] @ (q * scale)^T with q as `tile_major_i8(q)` and `scale` padded to the tiles:
+    [..., out_features]."""
     lib = library()
     if lib is None:
         raise RuntimeError(f"rowmm is not available: {_error}")
-    rows = _check(x, tiles.shape[1])
+    rows = _check(x, x.shape[-1])
+    if -(-rows.shape[1] // 2) != tiles.shape[1]:
+        raise ValueError(f"rowmm: input has {rows.shape[1]} features, the int8 tiles "
+                         f"{2 * tiles.shape[1]} (or one less)")
     y = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
-    lib.rowmm_i8(rows.data_ptr(), rows.shape[0], rows.shape[1], tiles.data_ptr(),
-                 scale.data_ptr(), out_features, y.data_ptr(), 0, tiles.shape[0])
+    lib.rowmm_par(ctypes.byref(Mat(tiles.data_ptr(), scale.data_ptr(), rows.shape[1],
+                                   out_features)),
+                  rows.data_ptr(), rows.shape[0], y.data_ptr(), torch.get_num_threads())
     return y.view(*x.shape[:-1], out_features)
 
 
-def row_linear(linear: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x -> linear(x) through the kernel for up to `MAX_ROWS` rows (an fp32 ``nn.Linear``;
-    its tile-major copy is cached on the module and rebuilt when the weight changes), else
-    ``linear(x)``. `Int8RowLinear` and any other module are returned unchanged."""
-    if type(linear) is not nn.Linear or linear.weight.dtype != torch.float32:
-        return linear
+def _tiles(linear: nn.Linear) -> torch.Tensor:
+    """`tile_major` of an fp32 ``nn.Linear``'s weight, cached on the module and rebuilt when the
+    weight changes."""
     weight = linear.weight
     version = -1 if weight.is_inference() else weight._version  # inference tensors have none
     key = (weight.data_ptr(), version, tuple(weight.shape))
@@ -171,7 +199,26 @@ def row_linear(linear: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         with torch.inference_mode(False), torch.no_grad():
             cached = (key, tile_major(weight.detach()))
         object.__setattr__(linear, _CACHE, cached)  # not a submodule, not a parameter
-    tiles, bias, out_features = cached[1], linear.bias, linear.out_features
+    return cached[1]
+
+
+def kernel_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(tiles, scales or None) the kernel multiplies by for a bias-free fp32 ``nn.Linear`` (fp32
+    tiles) or `Int8RowLinear` (int8 tiles and per-channel scales); None for anything else."""
+    if type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.bias is None:
+        return _tiles(module), None
+    if isinstance(module, Int8RowLinear) and module.bias is None:
+        return module._tiles, module._scale
+    return None
+
+
+def row_linear(linear: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> linear(x) through the kernel for up to `MAX_ROWS` rows (an fp32 ``nn.Linear``;
+    its tile-major copy is cached on the module and rebuilt when the weight changes), else
+    ``linear(x)``. `Int8RowLinear` and any other module are returned unchanged."""
+    if type(linear) is not nn.Linear or linear.weight.dtype != torch.float32:
+        return linear
+    tiles, bias, out_features = _tiles(linear), linear.bias, linear.out_features
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if x.numel() // x.shape[-1] > MAX_ROWS:
@@ -200,7 +247,7 @@ class Int8RowLinear(nn.Module):
         with torch.no_grad():
             q, scale = quantize_weight(linear.weight.detach().cpu())
             self._dequant = q.float() * scale[:, None]
-            self._tiles = tile_major(q)
+            self._tiles = tile_major_i8(q)
             self._scale = torch.ones(self._tiles.shape[0] * TILE)
             self._scale[: self.out_features] = scale
 
