@@ -14,8 +14,12 @@ rewrites in ``--vocab-data``, `specdec.vocab`), on this machine and in this engi
 2. tau(k): greedy mean accepted length, teacher-forced on the target's greedy answers to the
    first ``--n`` MT-Bench first turns (exact for greedy; scored with the same trimmed
    vocabulary the engine drafts with);
-3. the predicted speedup tau(k) / (k c + v(k)) over our target-only decode, for every
-   (draft, dtype, N, k);
+3. the predicted end-to-end speedup over our target-only decode, for every (draft, dtype, N,
+   k): a generation of n = ``--new-tokens`` tokens costs p_t + n target forwards alone and
+   p_t + p_d + (n / tau) (k c + v(k)) with the draft, where p_t and p_d are the target's and
+   the draft's prefills of the prompt (measured, in target forwards, at the mean length of the
+   end-to-end prompts); without the prefills this is tau / (k c + v(k)) (``predicted_steady``),
+   which a short generation after a long prompt never reaches;
 4. end to end, the ``--e2e-best`` best predicted configurations (at most one per draft, plus
    the best one of each healing method), side by side with our target-only decode in the same
    dtype (the fastest target-only decode this engine has), on ``--e2e-prompts`` MT-Bench first
@@ -176,6 +180,38 @@ def verify_costs(target, prompt: list[int], ks: list[int], reps: int) -> dict[st
 
 
 @torch.inference_mode()
+@torch.inference_mode()
+def prefill_seconds(model, prompt: list[int], reps: int) -> float:
+    """One prefill of prompt[:-1] into a fresh cache, as the engine starts a generation (median)."""
+    from specdec.decode.kv import BatchKV
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt[:-1]], device=device)
+    times = []
+    for _ in range(reps + 1):
+        kv = BatchKV(model, 1, device)
+        t0 = time.perf_counter()
+        kv.forward(ids, logits_to_keep=1)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def predict(tau: float, k: int, c: float, v: float, prefill_target: float,
+            prefill_draft: float, new_tokens: int) -> float:
+    """The end-to-end speedup of `new_tokens` tokens after a prompt (prefills in target
+    forwards): (p_t + n) / (p_t + p_d + n (k c + v) / tau)."""
+    return (prefill_target + new_tokens) / (
+        prefill_target + prefill_draft + new_tokens * (k * c + v) / tau)
+
+
+def tau_needed(speedup: float, k: int, c: float, v: float, prefill_target: float,
+               prefill_draft: float, new_tokens: int) -> float | None:
+    """The tau at which `predict` reaches `speedup`; None when no tau does (the draft's
+    prefill alone costs more than the speedup leaves)."""
+    budget = (prefill_target + new_tokens) / speedup - prefill_target - prefill_draft
+    return new_tokens * (k * c + v) / budget if budget > 0 else None
+
+
 def draft_cost(target, draft, prompt: list[int], reps: int, vocab=None) -> dict[str, float]:
     """c = t(draft, 1 token, trimmed head if any) / t(target, 1 token), paired."""
     from specdec.decode.kv import BatchKV
@@ -284,6 +320,14 @@ def run(cfg: FrontierConfig, console: Console | None = None) -> dict[str, Any]:
     cost_prompt = e2e_prompts[0]
     console.print("[bold]verification cost v(k)[/]")
     verify = verify_costs(target, cost_prompt, ks, cfg.cost_reps)
+    # prefills, in target forwards, scaled from the cost prompt to the e2e prompts' mean length
+    scale = statistics.mean(len(p) - 1 for p in e2e_prompts) / max(len(cost_prompt) - 1, 1)
+    prefill_reps = max(cfg.cost_reps // 5, 2)
+
+    def prefill(model) -> float:
+        return scale * prefill_seconds(model, cost_prompt, prefill_reps) / verify["target_forward_s"]
+
+    prefill_target = prefill(target)
 
     drafts: dict[tuple[str, str], Any] = {}
     rows: list[dict[str, Any]] = []
@@ -292,6 +336,7 @@ def run(cfg: FrontierConfig, console: Console | None = None) -> dict[str, Any]:
         for dt in draft_dtypes:
             draft, _ = load_draft(spec["path"], dt)
             drafts[(spec["label"], dt)] = draft
+            prefill_draft = prefill(draft)
             labels = {f"N={n}": draft for n in vocab_ns}
             quality = score_drafts(target, labels, answers, pad_id=pad, ks=ks, console=console,
                                    vocabs={f"N={n}": v for n, v in vocabs.items() if v is not None})
@@ -301,6 +346,8 @@ def run(cfg: FrontierConfig, console: Console | None = None) -> dict[str, Any]:
                 for k in ks:
                     tau = q.report.mean_accepted_length[k]
                     denom = k * cost["c"] + verify["v"][k]
+                    costs = (k, cost["c"], verify["v"][k], prefill_target, prefill_draft,
+                             cfg.new_tokens)
                     rows.append({
                         "label": spec["label"], "method": spec["method"], "path": spec["path"],
                         "layers": draft.config.num_hidden_layers, "dtype": dt, "n": n,
@@ -310,8 +357,10 @@ def run(cfg: FrontierConfig, console: Console | None = None) -> dict[str, Any]:
                         "n_ids": vocabs[n].n if vocabs[n] is not None else vocab_size,
                         "k": k, "c": cost["c"], "draft_forward_ms": cost["draft_forward_s"] * 1e3,
                         "v": verify["v"][k], "tau": tau, "top1": q.report.top1_agreement,
-                        "predicted": tau / denom, "tau_for_goal": GOAL * denom,
-                        "tau_for_parity": denom,
+                        "prefill_target": prefill_target, "prefill_draft": prefill_draft,
+                        "predicted": predict(tau, *costs), "predicted_steady": tau / denom,
+                        "tau_for_goal": tau_needed(GOAL, *costs),
+                        "tau_for_parity": tau_needed(1.0, *costs),
                     })
     for r in rows:
         r["name"] = f"{r['label']} {r['dtype']} N={r['n'] or 'full'} k={r['k']}"
@@ -404,6 +453,10 @@ def _drop_sidecar(path: str) -> None:
 # ----------------------------------------------------------------------------- output
 
 
+def _tau(tau: float | None) -> str:
+    return "unreachable" if tau is None else f"{tau:.2f}"
+
+
 def _n(r: dict[str, Any]) -> str:
     """N as asked, and the ids kept where the ranking text had fewer distinct tokens."""
     if not r["n"]:
@@ -429,7 +482,7 @@ def table(result: dict[str, Any]) -> Table:
                   _n(r), str(r["k"]), f"{r['c']:.3f}", f"{r['v']:.2f}",
                   f"{r['top1']:.3f}", f"{r['tau']:.2f}", f"{r['predicted']:.2f}x",
                   "" if ms is None else f"{ms:.2f}x" + ("" if r["tokens_match"] else " (!)"),
-                  f"{r['tau_for_goal']:.2f}")
+                  _tau(r["tau_for_goal"]))
     return t
 
 
@@ -446,7 +499,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {r['label']} | {r['method']} | {r['layers']} | {r['dtype']} | {_n(r)} "
             f"| {r['k']} | {r['c']:.3f} | {r['v']:.2f} | {r['top1']:.3f} | {r['tau']:.2f} | "
             f"{r['predicted']:.2f}x | {'' if ms is None else f'{ms:.2f}x'} | "
-            f"{r['tau_for_goal']:.2f} |")
+            f"{_tau(r['tau_for_goal'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -496,10 +549,12 @@ def verdict(result: dict[str, Any]) -> str:
     head = (f"Fastest draft: {top['label']} ({top['method']}, {top['layers']} of "
             f"{result['target_layers']} layers, k = {top['k']}, {n} draft vocabulary, "
             f"{top['dtype']}): {speed:.2f}x our target-only decode ({how})")
-    why = (f"a draft forward costs c = {top['c']:.2f} of the target's and verifying "
-           f"{top['k'] + 1} tokens v = {top['v']:.2f}, so a step must commit tau >= "
-           f"{top['tau_for_parity']:.2f} tokens to break even (>= {top['tau_for_goal']:.2f} for "
-           f"{GOAL}x); this draft commits {top['tau']:.2f}")
+    why = (f"a draft forward costs c = {top['c']:.2f} of the target's, verifying "
+           f"{top['k'] + 1} tokens v = {top['v']:.2f} and the draft's prefill "
+           f"{top.get('prefill_draft', 0):.1f} target forwards, so over "
+           f"{result['config']['new_tokens']} tokens a step must commit tau >= "
+           f"{_tau(top['tau_for_parity'])} tokens to break even (>= {_tau(top['tau_for_goal'])} "
+           f"for {GOAL}x); this draft commits {top['tau']:.2f}")
     text = f"{head}: {'a speedup' if speed >= 1 else 'a slowdown'}, because {why}."
     if any(not r.get("tokens_match", True) for r in measured):
         text += (f" Not a lossless figure: some end-to-end outputs differ from the target "
@@ -522,7 +577,7 @@ def summary(result: dict[str, Any], out: Path) -> dict[str, Any]:
         "best_predicted": round(top["predicted"], 3),
         "best_vs_ours_target": round(top["measured_speedup"], 3) if "measured_speedup" in top else None,
         "best_c": round(top["c"], 3), "best_tau": round(top["tau"], 3),
-        "tau_for_goal": round(top["tau_for_goal"], 3),
+        "tau_for_goal": None if top["tau_for_goal"] is None else round(top["tau_for_goal"], 3),
         "max_prediction_error": round(max(errors), 3) if errors else None,
         "all_tokens_match": all(r["tokens_match"] for r in measured),
         "verdict": verdict(result),

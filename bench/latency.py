@@ -27,7 +27,8 @@ every method decodes exactly ``--new-tokens`` tokens (EOS ignored: Hugging Face 
                     (``num_assistant_tokens=K``, constant schedule, confidence threshold 0);
 * with ``--concurrent``: ``ours-concurrent k=K`` (`specdec.decode.concurrent`: the draft
   drafts in a worker process on another core while the target verifies) and
-  ``ours-target 2 threads`` (our target alone given the second core); ``best_vs_ours_target``
+  ``ours-target 2 threads`` (our target alone given the second core) and ``ours k=K 2 threads``
+  (drafting in turn on both cores); ``best_vs_ours_target``
   is then against the faster of our two target-only decodes.
 
 After one warm-up call per method, every (repeat, prompt) runs all methods back to back in an
@@ -339,7 +340,8 @@ def run(cfg: LatencyConfig, console: Console | None = None) -> dict[str, Any]:
         methods["ours-target unpacked"] = our_method(target, None, 0, pack=False)
     for k in ks:
         methods[f"ours k={k}"] = our_method(target, draft, k, draft_vocab=vocab)
-        if cfg.concurrent:
+        if cfg.concurrent:  # the second core three ways: threads in turn, or a draft process
+            methods[f"ours k={k} 2 threads"] = with_threads(methods[f"ours k={k}"], 2)
             methods[f"ours-concurrent k={k}"] = concurrent_method(
                 target, cfg.draft, cfg.draft_dtype, cfg.draft_vocab, k)
         if cfg.hf:
@@ -399,8 +401,8 @@ def run(cfg: LatencyConfig, console: Console | None = None) -> dict[str, Any]:
             alpha = alpha_from_tau(tau, k)
             row.update(acceptance=sum(r.accepted for r in rs) / max(sum(r.drafted for r in rs), 1),
                        mal=tau, alpha_fit=alpha)
-            if name.startswith("ours-concurrent"):  # the cost model is for drafting in turn
-                rows.append(row)
+            if name.startswith("ours-concurrent") or name.endswith(" 2 threads"):
+                rows.append(row)  # the cost model is for drafting in turn, on the costs' threads
                 continue
             measured = flops.spec_cost(target.config, draft.config, k, alpha, context=int(context),
                                        cost_ratio=costs["cost_ratio"])

@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
-for d in full30 drop6/sd; do
+for d in full30 drop6/sd drop3/sd; do
     [[ -f runs/speed/$d/specdec.json ]] || { echo "no runs/speed/$d: run scripts/speed_round.sh and scripts/frontier_cpu.sh first" >&2; exit 2; }
     name=concurrent-${d//\//-}
     OMP_NUM_THREADS=1 "$PY" bench/latency.py --draft "runs/speed/$d" --threads 1 --concurrent \

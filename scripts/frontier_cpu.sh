@@ -14,7 +14,7 @@ PY="${PYTHON:-.venv/bin/python}"
 H=runs/speed
 NAME="${NAME:-frontier-cpu}"
 args=()
-for d in keep12/pruned keep12/sft keep12/sd drop6/pruned drop6/sft drop6/sd; do
+for d in keep12/pruned keep12/sft keep12/sd drop6/pruned drop6/sft drop6/sd drop3/pruned drop3/sft drop3/sd; do
     [[ -f "$H/$d/specdec.json" ]] && args+=(--draft "${d/\//-}=$H/$d")
 done
 if (( ${#args[@]} == 0 )); then

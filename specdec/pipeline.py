@@ -95,10 +95,9 @@ class Preset:
     # rowmm kernel, specdec.quant) cost ~35-40% less than fp32 ones on an AVX2 CPU at the same
     # acceptance; int8 (fbgemm, activations too) is the choice where rowmm cannot run
     frontier_draft_dtypes: str = "fp32,w8"
-    # torch threads for the frontier: 1, the setting the rowmm kernel is built for, and on a
-    # 2-core AVX2 CPU MKL multiplies two rows faster than one on 2 threads (v(1) 0.84), which
-    # would credit drafts with what a faster one-token path would give the target alone
-    # (README, "The frontier on an AVX2 CPU")
+    # torch threads for the frontier: 1, as the README's frontier runs (the fused step and
+    # rowmm split their tiles over more threads too; `bench/latency.py --concurrent` compares
+    # drafting on one core each with our target alone on both)
     frontier_threads: int = 1
 
 

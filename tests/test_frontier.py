@@ -51,7 +51,7 @@ def test_choice_and_outputs(frontier, tmp_path):
     best = frontier.best_per_draft(rows)
     assert best["sd12"]["k"] == 2 and best["sft12"]["k"] == 1
     rows[1].update(measured_speedup=0.91, tokens_match=True)
-    result = {"rows": rows, "target_layers": 30, "answers": 4, "config": {"dtype": "fp32"},
+    result = {"rows": rows, "target_layers": 30, "answers": 4, "config": {"dtype": "fp32", "new_tokens": 128},
               "target_forward_ms": 50.0, "threads": 1, "machine": "m",
               "load_average": {"start": [1.0, 1, 1], "end": [1.0, 1, 1]}}
     text = frontier.verdict(result)
@@ -90,6 +90,19 @@ def test_validate_errors(frontier, tmp_path):
     assert frontier.parse_drafts([draft])[0]["method"] == "draft"  # manifest stage "test"
 
 
+def test_prediction_counts_the_prefills(frontier):
+    """Without prefills the prediction is tau / (k c + v); the draft's prefill lowers it, and
+    tau_needed inverts it (None where no tau can reach the speedup)."""
+    assert frontier.predict(2.0, 2, 0.25, 1.0, 0.0, 0.0, 128) == pytest.approx(2.0 / 1.5)
+    with_prefill = frontier.predict(2.0, 2, 0.25, 1.0, 6.0, 6.0, 128)
+    assert with_prefill < 2.0 / 1.5
+    assert with_prefill == pytest.approx((6 + 128) / (12 + 128 * 1.5 / 2.0))
+    tau = frontier.tau_needed(1.3, 2, 0.25, 1.0, 6.0, 6.0, 128)
+    assert frontier.predict(tau, 2, 0.25, 1.0, 6.0, 6.0, 128) == pytest.approx(1.3)
+    assert frontier.tau_needed(1.3, 2, 0.25, 1.0, 6.0, 200.0, 128) is None
+    assert frontier._tau(None) == "unreachable"
+
+
 def test_costs_and_e2e_on_tiny_models(frontier):
     target = make_tiny_llama(seed=0)
     with torch.no_grad():
@@ -103,6 +116,7 @@ def test_costs_and_e2e_on_tiny_models(frontier):
     vocab = DraftVocab(torch.arange(0, 97, 2), 97)
     cost = frontier.draft_cost(target, draft, prompt, reps=2, vocab=vocab)
     assert cost["c"] > 0
+    assert frontier.prefill_seconds(draft, prompt, reps=2) > 0
     cfg = frontier.FrontierConfig(draft=["x"], new_tokens=6, repeats=1)
     configs = [{"label": "d", "dtype": "fp32", "k": 2, "n": 48, "name": "d fp32 N=48 k=2"}]
     out = frontier.e2e(target, configs, {("d", "fp32"): draft}, {48: vocab}, [prompt, prompt[:3]],
