@@ -34,7 +34,9 @@ On a CPU in bf16 the projections and the head run on weights prepacked for oneDN
 (`packed.py`: the same kernel without a weight reorder per call, bitwise the same outputs).
 In fp32 on an AVX2 CPU, 1-16 rows go through `rowmm.py`'s kernel (weights streamed once,
 tile-major; row-invariant, so a verification's logits equal one-token decoding's bit for bit,
-and both equal ``model(...)``'s to rounding).
+and both equal ``model(...)``'s to rounding). There, a batch-1 forward of 1-16 new tokens after
+the prompt -- every decode step and verification -- runs the whole decoder in one C call
+(`fused.py`: the same kernels, the per-op overhead gone, still row-invariant).
 
 Anything else -- another architecture, eager or flash attention, a model with accelerate hooks,
 ``pretraining_tp`` > 1, a cache without slab layers -- uses `hf_forward`.

@@ -47,14 +47,13 @@ MAX_ROWS = 16  # rows (tokens) a call takes the kernel for; more (a prefill) go 
 _SOURCES = [Path(__file__).with_name(n) for n in ("rowmm.c", "fused.c")]  # one library
 _CACHE = "_specdec_rowmm"
 _lib: ctypes.CDLL | None = None
+_error: str | None = None
 
 
 class Mat(ctypes.Structure):
     """fused.c's mat_t: one weight matrix as the kernels take it (scale None: fp32 tiles)."""
     _fields_ = [("tiles", ctypes.c_void_p), ("scale", ctypes.c_void_p),
                 ("in_features", ctypes.c_int64), ("out_features", ctypes.c_int64)]
-
-_error: str | None = None
 
 
 def _build() -> ctypes.CDLL:
