@@ -56,6 +56,8 @@ def test_matmul_i8_is_the_dequantized_product(out_features, in_features):
                                        atol=1e-5)
         assert torch.equal(module(x[0, 1:2]), module(x[0, :3])[1:2])  # row-invariant
     assert module.weight is linear.weight and module.bias is linear.bias
+    with pytest.raises(ValueError, match="features"):
+        module(torch.randn(1, in_features + 1))
     with pytest.raises(ValueError, match="fp32 nn.Linear"):
         rowmm.Int8RowLinear(linear.to(torch.bfloat16))
 

@@ -251,6 +251,9 @@ class Int8RowLinear(nn.Module):
             self._scale[: self.out_features] = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:  # the int8 tiles could not tell 2P - 1 from 2P
+            raise ValueError(f"Int8RowLinear: input has {x.shape[-1]} features, the layer "
+                             f"{self.in_features}")
         if (x.numel() // x.shape[-1] > MAX_ROWS or x.dtype != torch.float32
                 or library() is None):
             y = F.linear(x.float(), self._dequant)
