@@ -193,6 +193,7 @@ def e2e(target, configs: list[dict[str, Any]], drafts: dict[tuple[str, str], Any
 
 
 def run(cfg: FrontierConfig, console: Console | None = None) -> dict[str, Any]:
+    from specdec.decode.forward import shared_layers
     from specdec.evaluate import cached_target_answers, score_drafts
     from specdec.models import load_model
     from specdec.quant import load_draft
@@ -244,8 +245,9 @@ def run(cfg: FrontierConfig, console: Console | None = None) -> dict[str, Any]:
     scale = statistics.mean(len(p) - 1 for p in e2e_prompts) / max(len(cost_prompt) - 1, 1)
     prefill_reps = max(cfg.cost_reps // 5, 2)
 
-    def prefill(model) -> float:
-        return scale * prefill_seconds(model, cost_prompt, prefill_reps) / verify["target_forward_s"]
+    def prefill(model, beside=None) -> float:
+        seconds = prefill_seconds(model, cost_prompt, prefill_reps, target=beside)
+        return scale * seconds / verify["target_forward_s"]
 
     prefill_target = prefill(target)
 
@@ -256,7 +258,8 @@ def run(cfg: FrontierConfig, console: Console | None = None) -> dict[str, Any]:
         for dt in draft_dtypes:
             draft, _ = load_draft(spec["path"], dt)
             drafts[(spec["label"], dt)] = draft
-            prefill_draft = prefill(draft)
+            prefill_draft = prefill(draft, beside=target)
+            shared = shared_layers(target, draft)
             labels = {f"N={n}": draft for n in vocab_ns}
             quality = score_drafts(target, labels, answers, pad_id=pad, ks=ks, console=console,
                                    vocabs={f"N={n}": v for n, v in vocabs.items() if v is not None})
@@ -278,6 +281,7 @@ def run(cfg: FrontierConfig, console: Console | None = None) -> dict[str, Any]:
                         "k": k, "c": cost["c"], "draft_forward_ms": cost["draft_forward_s"] * 1e3,
                         "v": verify["v"][k], "tau": tau, "top1": q.report.top1_agreement,
                         "prefill_target": prefill_target, "prefill_draft": prefill_draft,
+                        "shared_layers": shared,
                         "predicted": predict(tau, *costs), "predicted_steady": tau / denom,
                         "tau_for_goal": tau_needed(GOAL, *costs),
                         "tau_for_parity": tau_needed(1.0, *costs),
@@ -409,8 +413,8 @@ def table(result: dict[str, Any]) -> Table:
 def markdown(result: dict[str, Any]) -> str:
     rows = sorted(result["rows"], key=lambda r: (r["layers"], r["label"], r["dtype"], r["n"], r["k"]))
     best = best_per_draft(result["rows"])
-    lines = ["| draft | method | layers | dtype | N | k | c | v(k) | top-1 | tau | predicted | "
-             "measured | tau for 1.3x |", "|" + "---|" * 13]
+    lines = ["| draft | method | layers | dtype | N | k | c | v(k) | top-1 | tau | prefill, draft "
+             "(shared layers) | predicted | measured | tau for 1.3x |", "|" + "---|" * 14]
     for r in rows:
         if best.get(r["label"]) is not r and r["k"] not in (1, 2):
             continue  # the table keeps each draft's best row plus k = 1, 2
@@ -418,7 +422,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {r['label']} | {r['method']} | {r['layers']} | {r['dtype']} | {_n(r)} "
             f"| {r['k']} | {r['c']:.3f} | {r['v']:.2f} | {r['top1']:.3f} | {r['tau']:.2f} | "
-            f"{r['predicted']:.2f}x | {'' if ms is None else f'{ms:.2f}x'} | "
+            f"{r.get('prefill_draft', 0):.1f} ({r.get('shared_layers', 0)}) | {r['predicted']:.2f}x | {'' if ms is None else f'{ms:.2f}x'} | "
             f"{_tau(r['tau_for_goal'])} |")
     return "\n".join(lines) + "\n"
 

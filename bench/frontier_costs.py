@@ -2,7 +2,8 @@
 
 * c: one draft forward (1 token, batch 1, ending in the trimmed head if any) over one target
   forward, the median of paired ratios; v(k): a target forward of k + 1 positions over a
-  1-position one; prefills: a fresh cache filled with prompt[:-1], as the engine starts;
+  1-position one; prefills: a fresh cache filled with prompt[:-1], as the engine starts (a
+  draft's beside the target: the bottom layers it shares with the target taken from its prefill);
 * `predict`: the end-to-end speedup of n new tokens, (p_t + n) / (p_t + p_d + n (k c + v) / tau)
   with the prefills p_t, p_d in target forwards; `tau_needed` inverts it.
 """
@@ -48,17 +49,30 @@ def verify_costs(target, prompt: list[int], ks: list[int], reps: int) -> dict[st
 
 
 @torch.inference_mode()
-def prefill_seconds(model, prompt: list[int], reps: int) -> float:
-    """One prefill of prompt[:-1] into a fresh cache, as the engine starts a generation (median)."""
+def prefill_seconds(model, prompt: list[int], reps: int, target=None) -> float:
+    """One prefill of prompt[:-1] into a fresh cache, as the engine starts a generation (median).
+    With `target` (for a draft): as the engine prefills the draft beside that target -- the
+    bottom layers they share (`forward.shared_layers`) copied from the target's prefill, only
+    the layers above computed."""
+    from specdec.decode.forward import shared_layers
     from specdec.decode.kv import BatchKV
 
     device = next(model.parameters()).device
     ids = torch.tensor([prompt[:-1]], device=device)
+    shared = shared_layers(target, model) if target is not None else 0
+    if shared:
+        source = BatchKV(target, 1, device)
+        shared = shared if source.lean and BatchKV(model, 1, device).lean else 0
+    if shared:
+        _, hidden = source.forward(ids, logits_to_keep=1, capture=shared)
     times = []
     for _ in range(reps + 1):
         kv = BatchKV(model, 1, device)
         t0 = time.perf_counter()
-        kv.forward(ids, logits_to_keep=1)
+        if shared:
+            kv.prefill_from(source, shared, hidden, ids, logits_to_keep=1)
+        else:
+            kv.forward(ids, logits_to_keep=1)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 

@@ -78,7 +78,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specdec.decode.detok import IncrementalDetokenizer
-from specdec.decode.forward import row_exact_default
+from specdec.decode.forward import row_exact_default, shared_layers
 from specdec.decode.kv import BatchKV
 from specdec.decode.sampling import (
     STREAM_DRAFT,
@@ -242,6 +242,11 @@ class SpeculativeEngine:
         for the 2-16 rows of a verification (v(1) ~1.8 -> ~1.2 on an AVX2 CPU; one-row
         products unchanged). None: wherever supported; False: never (every linear as
         ``model(...)`` computes it).
+    share_prefill: where the draft's bottom layers are the target's own (`forward.shared_layers`:
+        the same embedding and weights, e.g. a cut healed with those layers frozen), the draft's
+        prefill takes their keys and values and the hidden states above them from the target's
+        prefill instead of computing them again (lean forwards only). Lossless all the same:
+        only the draft's proposals can change.
     """
 
     def __init__(
@@ -257,6 +262,7 @@ class SpeculativeEngine:
         draft_vocab=None,
         row_exact: bool | None = None,
         pack_linears: bool | None = None,
+        share_prefill: bool = True,
     ):
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 64:
             raise ValueError(f"k must be an int in 1..64 (draft tokens per step), got {k!r}")
@@ -299,6 +305,9 @@ class SpeculativeEngine:
                 )
             self._draft_head = draft_vocab.sub_head(draft)  # [n, d] rows of the draft's head
             self._draft_ids = draft_vocab.ids.to(self.device)  # [n] sub-head row -> token id
+        # bottom layers whose prefill the draft takes from the target's (0: none)
+        self.shared_layers = (shared_layers(target, draft)
+                              if share_prefill and lean and draft is not None else 0)
         self.eos_token_ids = _resolve_eos(target, eos_token_ids)
         self._buffers: dict[str, torch.Tensor] = {}
         self._cancelled: set[int] = set()  # request indices `cancel` asked to abort
@@ -469,6 +478,12 @@ class SpeculativeEngine:
         if min(n_valid) < width:
             valid = [[False] * (width - n) + [True] * n for n in n_valid]
             input_valid = torch.tensor(valid, dtype=torch.bool, device=self.device)
+        shared = self.shared_layers if dkv is not None and tkv.lean and dkv.lean else 0
+        if shared:  # the draft's bottom layers are the target's: take them from its prefill
+            _, hidden = tkv.forward(input_ids, input_valid, n_valid, logits_to_keep=1,
+                                    capture=shared)
+            dkv.prefill_from(tkv, shared, hidden, input_ids, input_valid, n_valid, logits_to_keep=1)
+            return
         for kv in (tkv, dkv):
             if kv is not None:
                 kv.forward(input_ids, input_valid, n_valid, logits_to_keep=1)

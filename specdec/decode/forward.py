@@ -151,17 +151,24 @@ class LeanLlamaForward:
         if self.rowmm and fused_supported(model) is None:
             self.fused = FusedLlama(model)
 
-    def __call__(self, input_ids, attention_mask, position_ids, cache, logits_to_keep: int = 0):
+    def __call__(self, input_ids, attention_mask, position_ids, cache, logits_to_keep: int = 0,
+                 *, capture: int | None = None, start: tuple[int, torch.Tensor] | None = None):
+        """The logits; with `capture` = i, (logits, the hidden states entering layer i -- after
+        the last layer when i = num_layers). `start` = (i, hidden): begin at layer i from those
+        hidden states (the layers below already hold these slots, e.g. copied from a model that
+        shares them: `shared_layers`)."""
         decoder = self.decoder
         batch, q = input_ids.shape
-        if self.fused is not None and self.fused.applies(batch, q, cache.layers[0].length,
-                                                         attention_mask):
+        first = 0 if start is None else start[0]
+        layers = cache.layers
+        if (self.fused is not None and capture is None and start is None
+                and self.fused.applies(batch, q, layers[0].length, attention_mask)):
             hidden = self.fused(input_ids, position_ids, cache)
             return self.head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
-        hidden = decoder.embed_tokens(input_ids)
+        hidden = decoder.embed_tokens(input_ids) if start is None else start[1]
         cos, sin = decoder.rotary_emb(hidden, position_ids)
-        layers = cache.layers
-        past = layers[0].length
+        past = layers[first].length if first < self.num_layers else 0
+        captured = None
         mask = attention_mask
         if mask is None and q > 1 and past > 0:  # causal, aligned bottom-right
             kv = past + q
@@ -171,7 +178,10 @@ class LeanLlamaForward:
         rows = self.row_exact and q > 1 and past > 0  # a verification, slot by slot
         gqa = self.groups > 1 and (mask is None or hidden.device.type == "cpu")
         shape = (batch, q, -1, self.head_dim)
-        for i, layer in enumerate(decoder.layers[: self.num_layers]):
+        for i in range(first, self.num_layers):
+            if i == capture:
+                captured = hidden
+            layer = decoder.layers[i]
             attn = layer.self_attn
             residual = hidden
             x = layer.input_layernorm(hidden)
@@ -202,10 +212,12 @@ class LeanLlamaForward:
                 hidden = hidden + down(layer.mlp.act_fn(gate(x)) * up(x))
             else:
                 hidden = hidden + layer.mlp(x)
+        if capture == self.num_layers:
+            captured = hidden
         hidden = decoder.norm(hidden)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return self.head(hidden)
+        return self.head(hidden) if capture is None else (self.head(hidden), captured)
 
     @staticmethod
     def _attend_row(query, key, value, attention_mask, past: int, j: int, scale: float,
@@ -218,6 +230,37 @@ class LeanLlamaForward:
             query[:, :, j:j + 1], key[:, :, :end], value[:, :, :end], attn_mask=row_mask,
             dropout_p=0.0, scale=scale, is_causal=False, enable_gqa=gqa,
         )
+
+
+def shared_layers(target, draft) -> int:
+    """How many bottom decoder layers `draft` shares with `target` exactly: the same embedding,
+    rotary tables and, layer by layer from the bottom, the same parameters (a cut healed with
+    ``--freeze-below-cut --freeze-embeddings``, a pruned-only cut, the target itself; 0 when the
+    embeddings differ). A prefill of the draft can take those layers' keys and values and the
+    hidden states above them from the target's prefill of the same tokens instead of computing
+    them again (the engine does). The parameters compared are the full-precision ones: a w8
+    draft's bottom layers then start from the target's exact keys and values where its own int8
+    products would have computed them to rounding -- only its proposals can change, never the
+    output, which the target verifies."""
+    if draft is target:
+        return target.config.num_hidden_layers
+    t, d = target.get_decoder(), draft.get_decoder()
+
+    def same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+        sa, sb = ({**dict(m.named_parameters()), **dict(m.named_buffers())} for m in (a, b))
+        return sa.keys() == sb.keys() and all(
+            sa[n].shape == sb[n].shape and sa[n].dtype == sb[n].dtype and torch.equal(sa[n], sb[n])
+            for n in sa)
+
+    if not (same(t.embed_tokens, d.embed_tokens) and same(t.rotary_emb, d.rotary_emb)
+            and getattr(t.rotary_emb, "attention_scaling", 1.0)
+            == getattr(d.rotary_emb, "attention_scaling", 1.0)):
+        return 0
+    n = 0
+    limit = min(target.config.num_hidden_layers, draft.config.num_hidden_layers)
+    while n < limit and same(t.layers[n], d.layers[n]):
+        n += 1
+    return n
 
 
 def row_exact_default(model) -> bool:

@@ -41,7 +41,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from specdec.decode.forward import model_forward
+from specdec.decode.forward import LeanLlamaForward, model_forward
 
 MASK_4D_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -224,6 +224,29 @@ class BatchKV:
         return self._width
 
     @property
+    def lean(self) -> bool:
+        """Whether forwards run `forward.LeanLlamaForward` (which `prefill_from` needs)."""
+        return isinstance(self._forward, LeanLlamaForward)
+
+    def prefill_from(self, source: BatchKV, layers: int, hidden: torch.Tensor,
+                     input_ids: torch.Tensor, input_valid: torch.Tensor | None = None,
+                     n_valid: Sequence[int] | None = None, logits_to_keep: int = 0
+                     ) -> torch.Tensor:
+        """The first forward of an empty cache whose model shares its bottom `layers` layers
+        with `source`'s model (`forward.shared_layers`), right after `source` ran the same
+        input_ids into its own empty cache: those layers' keys and values are copied from
+        `source`, and the forward starts at layer `layers` from `hidden`, the hidden states
+        `source` captured entering that layer (``forward(..., capture=layers)``)."""
+        if self._width or source.width != input_ids.shape[1]:
+            raise ValueError("prefill_from needs an empty cache and a source that has just "
+                             f"prefilled these {input_ids.shape[1]} slots (source holds "
+                             f"{source.width}, this cache {self._width})")
+        for mine, theirs in zip(self.cache.layers[:layers], source.cache.layers[:layers]):
+            mine.update(theirs.keys, theirs.values)
+        return self.forward(input_ids, input_valid, n_valid, logits_to_keep,
+                            start=(layers, hidden))
+
+    @property
     def dense(self) -> bool:
         return self.valid is None
 
@@ -244,15 +267,19 @@ class BatchKV:
         input_valid: torch.Tensor | None = None,  # [batch, q] bool; None = all valid
         n_valid: Sequence[int] | None = None,  # host: input_valid.sum(1); None = all valid
         logits_to_keep: int = 0,
+        **lean,
     ) -> torch.Tensor:
-        """Run the model on q new slots per row; returns logits [batch, q or logits_to_keep, vocab]."""
+        """Run the model on q new slots per row; returns logits [batch, q or logits_to_keep, vocab].
+        `lean`: ``capture`` / ``start`` for `forward.LeanLlamaForward` (see `prefill_from`)."""
         batch, q = input_ids.shape
+        if lean and not self.lean:
+            raise ValueError(f"{', '.join(lean)} needs the lean forward, which this model lacks")
         width = self._width
         if n_valid is None or all(n == q for n in n_valid):
             input_valid, n_valid = None, [q] * batch
         if self.valid is None and input_valid is None:
             positions = torch.arange(width, width + q, device=self.device)[None, :].expand(batch, q)
-            logits = self._forward(input_ids, None, positions, self.cache, logits_to_keep)
+            logits = self._forward(input_ids, None, positions, self.cache, logits_to_keep, **lean)
         else:
             self._materialize()
             if input_valid is None:
@@ -266,7 +293,7 @@ class BatchKV:
             kv_valid = torch.cat([self.valid, new_valid], dim=1)
             needs_mask = any(length + n < width + q for length, n in zip(self.lengths, n_valid))
             mask = self._mask(kv_valid, q) if needs_mask else None
-            logits = self._forward(input_ids, mask, positions, self.cache, logits_to_keep)
+            logits = self._forward(input_ids, mask, positions, self.cache, logits_to_keep, **lean)
             self.valid = kv_valid
             self.next_pos = self.next_pos + n_new
         self._width = width + q
