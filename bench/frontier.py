@@ -75,6 +75,7 @@ class FrontierConfig:
     draft_dtypes: str = ""  # comma list; "" = --dtype
     vocab_data: str = ""  # target-written JSONL whose kept rewrites rank the draft vocabulary
     vocab_n: str = "0"  # comma list of N; 0 = the full vocabulary
+    vocab_fill: bool = True  # pad N with the lowest unranked ids (specdec.vocab, fill)
     ks: str = "1,2,3,4"
     n: int = 40  # MT-Bench first turns scored teacher-forced
     max_new_tokens: int = 64  # tokens of each target answer scored
@@ -232,7 +233,7 @@ def run(cfg: FrontierConfig, console: Console | None = None) -> dict[str, Any]:
             if n:
                 vocabs[n] = build_draft_vocab(counts, vocab_size, n=n,
                                               always=special_ids(tokenizer, target),
-                                              provenance=dict(prov))
+                                              provenance=dict(prov), fill=cfg.vocab_fill)
     vocabs = {n: vocabs[n] for n in vocab_ns}
 
     answers = cached_target_answers(cfg.target, "mt-bench", cfg.n, 1, cfg.max_new_tokens,

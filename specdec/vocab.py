@@ -46,6 +46,8 @@ from torch import nn
 SIDECAR = "draft_vocab.json"
 FORMAT = 1
 DEFAULT_COVERAGES = (0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
+# how `build_draft_vocab(fill=True)` pads a vocabulary its ranking text leaves short
+FILL_ORDER = "lowest token ids first (byte-level BPE merge order)"
 
 
 class DraftVocabError(ValueError):
@@ -266,9 +268,15 @@ def coverage_curve(counts: Counter, coverages: Sequence[float] = DEFAULT_COVERAG
 
 def build_draft_vocab(counts: Counter, vocab_size: int, *, n: int | None = None,
                       coverage: float | None = None, always: Iterable[int] = (),
-                      provenance: dict[str, Any] | None = None) -> DraftVocab:
+                      provenance: dict[str, Any] | None = None, fill: bool = False
+                      ) -> DraftVocab:
     """The top-`n` ids by count (or the fewest reaching `coverage` of the counted tokens), plus
-    the ids in `always` (EOS and other special tokens the target emits)."""
+    the ids in `always` (EOS and other special tokens the target emits).
+
+    fill: when the ranking text has fewer than `n` distinct ids, pad with the lowest ids it
+    does not have (`FILL_ORDER`): a small distilled set leaves out rare tokens the target does
+    write elsewhere, and a byte-level BPE vocabulary numbers its tokens in merge order, most
+    frequent first in the tokenizer's own training text."""
     if (n is None) == (coverage is None):
         raise DraftVocabError("give exactly one of n (token ids) or coverage (e.g. 0.98)")
     total = sum(counts.values())
@@ -281,10 +289,21 @@ def build_draft_vocab(counts: Counter, vocab_size: int, *, n: int | None = None,
     if n < 1:
         raise DraftVocabError(f"n must be >= 1, got {n}")
     top = [t for t, _ in counts.most_common(n) if 0 <= t < vocab_size]
-    ids = sorted(set(top) | {int(t) for t in always if 0 <= int(t) < vocab_size})
+    ids = set(top) | {int(t) for t in always if 0 <= int(t) < vocab_size}
+    filled = 0
+    if fill:
+        for t in range(vocab_size):
+            if len(ids) >= n:
+                break
+            if t not in ids:
+                ids.add(t)
+                filled += 1
+    ids = sorted(ids)
     covered = sum(counts[t] for t in ids) / total
     prov = dict(provenance or {})
     prov.setdefault("ranked_tokens", total)
+    if fill:
+        prov["fill"] = {"order": FILL_ORDER, "ids": filled}
     return DraftVocab(torch.tensor(ids, dtype=torch.int64), vocab_size, covered, prov)
 
 
@@ -301,8 +320,10 @@ def special_ids(tokenizer, model=None) -> set[int]:
 
 
 def from_data(data: str | Path, tokenizer, vocab_size: int, *, n: int | None = None,
-              coverage: float | None = None, model=None) -> tuple[DraftVocab, list[dict]]:
-    """Rank a distilled JSONL's kept rewrites; (vocab, coverage curve)."""
+              coverage: float | None = None, model=None, fill: bool = False
+              ) -> tuple[DraftVocab, list[dict]]:
+    """Rank a distilled JSONL's kept rewrites; (vocab, coverage curve). fill: as
+    `build_draft_vocab`."""
     from specdec.data import iter_jsonl
     from specdec.hub import file_sha256
 
@@ -315,7 +336,7 @@ def from_data(data: str | Path, tokenizer, vocab_size: int, *, n: int | None = N
     prov = {"source": str(data), "source_sha256": file_sha256(data), "records": used,
             "records_skipped": skipped, "ranking": "kept target rewrites (origin == distilled)"}
     vocab = build_draft_vocab(counts, vocab_size, n=n, coverage=coverage,
-                              always=special_ids(tokenizer, model), provenance=prov)
+                              always=special_ids(tokenizer, model), provenance=prov, fill=fill)
     vocab.provenance["requested"] = {"n": n, "coverage": coverage}
     return vocab, curve
 
@@ -332,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     group = b.add_mutually_exclusive_group()
     group.add_argument("--coverage", type=float, default=None, help="e.g. 0.98 (default)")
     group.add_argument("--n", type=int, default=None, help="keep exactly the top-N ids")
+    b.add_argument("--fill", action="store_true",
+                   help="with --n: pad to N with the lowest unranked ids when the data has fewer "
+                        "distinct ids (byte-level BPE ids are in merge order)")
     c = sub.add_parser("coverage", help="print the coverage curve of a data file")
     c.add_argument("--data", required=True)
     c.add_argument("--tokenizer", default=None, help="default: the target's (smollm2-135m-instruct)")
@@ -349,7 +373,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.coverage = 0.98
             tok = AutoTokenizer.from_pretrained(resolve_model(args.draft))
             vocab_size = int(load_config(args.draft).vocab_size)
-            vocab, curve = from_data(args.data, tok, vocab_size, n=args.n, coverage=args.coverage)
+            if args.fill and args.n is None:
+                raise DraftVocabError("--fill pads to --n ids; give --n")
+            vocab, curve = from_data(args.data, tok, vocab_size, n=args.n, coverage=args.coverage,
+                                     fill=args.fill)
             path = vocab.save(args.draft)
             _print_curve(curve)
             print(json.dumps({"draft_vocab": str(path), "n": vocab.n, "vocab_size": vocab_size,

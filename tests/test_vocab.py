@@ -62,6 +62,16 @@ def test_coverage_curve_and_build():
         DraftVocab(torch.tensor([3, 25]), 20)
 
 
+def test_build_fills_a_short_ranking_with_the_lowest_ids():
+    counts = Counter({5: 50, 7: 30, 1: 15})  # 3 distinct ids ranked, 8 asked for
+    filled = build_draft_vocab(counts, 20, n=8, always=[2], fill=True)
+    assert filled.ids.tolist() == [0, 1, 2, 3, 4, 5, 6, 7]  # 1, 2, 5, 7 + the lowest others
+    assert filled.provenance["fill"]["ids"] == 4 and filled.coverage == pytest.approx(1.0)
+    assert build_draft_vocab(counts, 20, n=8, always=[2]).ids.tolist() == [1, 2, 5, 7]
+    assert build_draft_vocab(counts, 20, n=2, fill=True).ids.tolist() == [5, 7]  # no room left
+    assert "fill" not in build_draft_vocab(counts, 20, n=8).provenance
+
+
 def test_count_target_tokens_ranks_only_kept_rewrites():
     class Tok:
         def encode(self, text, add_special_tokens=False):
