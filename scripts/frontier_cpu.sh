@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The README's CPU frontier: the drafts of scripts/speed_round.sh (keep 12 and drop 6: pruned,
-# SFT, self-distilled) plus the unpruned target as a quantization-only reference, each in the
+# The README's CPU frontier: the drafts of scripts/speed_round.sh (keep 12, drop 6, drop 3, drop 1:
+# pruned, SFT, self-distilled; scripts/heal_drop3.sh's + KD ones) plus the unpruned target as a quantization-only reference, each in the
 # draft dtypes $DTYPES (default fp32 and w8: int8 weights on the rowmm kernel), on a quiet
 # machine (nothing else running), writing each draft's recommended settings; then
 # bench/latency.py on the fastest draft with those settings. Results: bench/results/$NAME*.
@@ -14,7 +14,10 @@ PY="${PYTHON:-.venv/bin/python}"
 H=runs/speed
 NAME="${NAME:-frontier-cpu}"
 args=()
-for d in keep12/pruned keep12/sft keep12/sd drop6/pruned drop6/sft drop6/sd drop3/pruned drop3/sft drop3/sd; do
+# DRAFTS: the drafts under runs/speed/ to measure (those not made yet are left out)
+DRAFTS="${DRAFTS:-keep12/pruned keep12/sft keep12/sd drop6/pruned drop6/sft drop6/sd drop3/pruned \
+drop3/sft drop3/sd drop3/sft-kd4 drop3/sd-kd4 drop1/pruned drop1/sft drop1/sd}"
+for d in $DRAFTS; do
     [[ -f "$H/$d/specdec.json" ]] && args+=(--draft "${d/\//-}=$H/$d")
 done
 if (( ${#args[@]} == 0 )); then
@@ -31,7 +34,7 @@ fi
 args+=(--draft "unpruned target:full30=$H/full30")
 "$PY" bench/frontier.py "${args[@]}" --draft-dtypes "${DTYPES:-fp32,w8}" \
     --vocab-data $H/distilled-384.jsonl --vocab-n 0,8192 --ks 1,2,3,4 --n 40 \
-    --max-new-tokens 64 --threads "${THREADS:-2}" --e2e-best 3 --e2e-prompts 16 \
+    --max-new-tokens 64 --threads "${THREADS:-2}" --e2e-best "${E2E_BEST:-3}" --e2e-prompts 16 \
     --new-tokens 128 --write-recommended --out "bench/results/$NAME" "$@" \
     | tee "bench/results/$NAME.log"
 best=$("$PY" -c "import json; r = json.load(open('bench/results/$NAME/frontier.json')); \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The drafts of the README's "int8 drafts" frontier, made on an AVX2-only CPU (fp32 throughout:
-# no native bf16 there): prune drop 6, keep 12 and drop 3, distill 384 ShareGPT first turns with vLLM
+# no native bf16 there): prune drop 6, keep 12, drop 3 and drop 1, distill 384 ShareGPT first turns with vLLM
 # in fp32, heal SFT and self-distilled drafts with one recipe per cut. Every stage skips or
 # resumes when it has already run, so the script can be rerun after an interruption.
 #
@@ -44,5 +44,13 @@ wait
 # a shallow cut (added on the afternoon of 2026-12-03, for concurrent drafting)
 ft $H/drop3/sd --draft $H/drop3/pruned --data $D --lr 1e-4 &
 ft $H/drop3/sft --draft $H/drop3/pruned --data $O --lr 1e-4 &
+wait
+# the shallowest cut, one layer (added late on 2026-12-03, when the frontier favoured it): two
+# epochs, the embedding frozen too, so its 25 bottom layers stay the target's and the engine
+# takes their prefill from the target's (forward.shared_layers)
+[[ -f $H/drop1/pruned/specdec.json ]] || \
+    $P -m specdec.prune --drop 1 --select angular --out $H/drop1/pruned
+ft $H/drop1/sd --draft $H/drop1/pruned --data $D --lr 1e-4 --epochs 2 --freeze-embeddings &
+ft $H/drop1/sft --draft $H/drop1/pruned --data $O --lr 1e-4 --epochs 2 --freeze-embeddings &
 wait
 echo "speed round: drafts ready under $H"

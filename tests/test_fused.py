@@ -69,6 +69,33 @@ def test_fused_verification_equals_one_token_steps_bitwise(w8):
             assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
+@pytest.mark.parametrize("w8", [False, True])
+def test_fused_forward_does_not_depend_on_the_thread_count(w8):
+    """One parallel region per forward: projections split by tiles, attention by (row, head);
+    every output is computed as on one thread."""
+    model = make_tiny_llama(seed=9, num_heads=4, num_kv_heads=2)
+    if w8:
+        model = quantize_weights(model)
+    torch.manual_seed(5)
+    prompt, new = torch.randint(0, 97, (1, 11)), torch.randint(0, 97, (1, 5))
+    threads = torch.get_num_threads()
+    out = {}
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            kv = BatchKV(model, 1, torch.device("cpu"))
+            assert kv._forward.fused is not None
+            with torch.inference_mode():
+                kv.forward(prompt, logits_to_keep=1)
+                out[n] = (kv.forward(new), kv.forward(new[:, :1]),
+                          [layer.keys.clone() for layer in kv.cache.layers])
+    finally:
+        torch.set_num_threads(threads)
+    for n in (2, 3):
+        assert torch.equal(out[n][0], out[1][0]) and torch.equal(out[n][1], out[1][1]), n
+        assert all(torch.equal(a, b) for a, b in zip(out[n][2], out[1][2])), n
+
+
 def test_fused_w8_matches_the_w8_models_pytorch_forward():
     model = quantize_weights(make_tiny_llama(seed=6))
     lean = LeanLlamaForward(model)
