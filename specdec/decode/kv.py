@@ -267,19 +267,19 @@ class BatchKV:
         input_valid: torch.Tensor | None = None,  # [batch, q] bool; None = all valid
         n_valid: Sequence[int] | None = None,  # host: input_valid.sum(1); None = all valid
         logits_to_keep: int = 0,
-        **lean,
+        **options,
     ) -> torch.Tensor:
         """Run the model on q new slots per row; returns logits [batch, q or logits_to_keep, vocab].
-        `lean`: ``capture`` / ``start`` for `forward.LeanLlamaForward` (see `prefill_from`)."""
+        options: ``capture`` / ``start`` for `forward.LeanLlamaForward` (see `prefill_from`)."""
         batch, q = input_ids.shape
-        if lean and not self.lean:
-            raise ValueError(f"{', '.join(lean)} needs the lean forward, which this model lacks")
+        if options and not self.lean:
+            raise ValueError(f"{', '.join(options)} needs the lean forward, which this model lacks")
         width = self._width
         if n_valid is None or all(n == q for n in n_valid):
             input_valid, n_valid = None, [q] * batch
         if self.valid is None and input_valid is None:
             positions = torch.arange(width, width + q, device=self.device)[None, :].expand(batch, q)
-            logits = self._forward(input_ids, None, positions, self.cache, logits_to_keep, **lean)
+            logits = self._forward(input_ids, None, positions, self.cache, logits_to_keep, **options)
         else:
             self._materialize()
             if input_valid is None:
@@ -293,7 +293,7 @@ class BatchKV:
             kv_valid = torch.cat([self.valid, new_valid], dim=1)
             needs_mask = any(length + n < width + q for length, n in zip(self.lengths, n_valid))
             mask = self._mask(kv_valid, q) if needs_mask else None
-            logits = self._forward(input_ids, mask, positions, self.cache, logits_to_keep, **lean)
+            logits = self._forward(input_ids, mask, positions, self.cache, logits_to_keep, **options)
             self.valid = kv_valid
             self.next_pos = self.next_pos + n_new
         self._width = width + q
