@@ -48,6 +48,8 @@ void rowmm_par(const mat_t *w, const float *x, int64_t m, float *y, int threads)
     }
 }
 
+#define matmul(w, x, m, y) rowmm_par(w, x, m, y, threads)
+
 /* y = weight * (x / sqrt(mean(x^2) + eps)), row by row (LlamaRMSNorm). */
 static void rmsnorm(const float *x, const float *weight, int64_t m, int64_t n, float eps,
                     float *y) {
@@ -91,39 +93,36 @@ static inline float dot(const float *a, const float *b, int64_t d) {
     return s;
 }
 
-/* Attention of one query head (qh [d]) over slots [0, ctx) of its kv head's caches kh / vh
-   [alloc, d]; out [d]. scores: ctx floats of scratch. */
-static void attend(const float *qh, const float *kh, const float *vh, int64_t ctx, int64_t d,
-                   float scaling, float *scores, float *oh) {
-    float mx = -INFINITY;
-    for (int64_t t = 0; t < ctx; ++t) {
-        scores[t] = dot(qh, kh + t * d, d) * scaling;
-        if (scores[t] > mx) mx = scores[t];
+/* Attention of one row's `nh` query heads over slots [0, ctx) of its kv heads' caches
+   (grouped-query: head h reads kv head h / (nh / nkv)); out [nh * d]. */
+static void attend(const float *q, const float *kc, const float *vc, int64_t alloc,
+                   int64_t ctx, int64_t nh, int64_t nkv, int64_t d, float scaling,
+                   float *scores, float *out) {
+    const int64_t groups = nh / nkv;
+    for (int64_t h = 0; h < nh; ++h) {
+        const float *qh = q + h * d;
+        const float *kh = kc + (h / groups) * alloc * d;
+        const float *vh = vc + (h / groups) * alloc * d;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < ctx; ++t) {
+            scores[t] = dot(qh, kh + t * d, d) * scaling;
+            if (scores[t] > mx) mx = scores[t];
+        }
+        float total = 0.0f;
+        for (int64_t t = 0; t < ctx; ++t) {
+            scores[t] = expf(scores[t] - mx);
+            total += scores[t];
+        }
+        float *oh = out + h * d;
+        memset(oh, 0, (size_t)d * sizeof(float));
+        for (int64_t t = 0; t < ctx; ++t) {
+            const float p = scores[t];
+            const float *vt = vh + t * d;
+            for (int64_t i = 0; i < d; ++i) oh[i] += p * vt[i];
+        }
+        const float inv = 1.0f / total;
+        for (int64_t i = 0; i < d; ++i) oh[i] *= inv;
     }
-    float total = 0.0f;
-    for (int64_t t = 0; t < ctx; ++t) {
-        scores[t] = expf(scores[t] - mx);
-        total += scores[t];
-    }
-    memset(oh, 0, (size_t)d * sizeof(float));
-    for (int64_t t = 0; t < ctx; ++t) {
-        const float p = scores[t];
-        const float *vt = vh + t * d;
-        for (int64_t i = 0; i < d; ++i) oh[i] += p * vt[i];
-    }
-    const float inv = 1.0f / total;
-    for (int64_t i = 0; i < d; ++i) oh[i] *= inv;
-}
-
-/* This thread's share (`id` of `n`) of y = x @ W^T: a contiguous range of output tiles, each
-   computed exactly as on one thread. */
-static void matmul_part(const mat_t *w, const float *x, int64_t m, float *y, int id, int n) {
-    const int64_t tiles = (w->out + 15) / 16;
-    const int64_t t0 = tiles * id / n, t1 = tiles * (id + 1) / n;
-    if (w->scale)
-        rowmm_i8(x, m, w->in, (const int8_t *)w->tiles, w->scale, w->out, y, t0, t1);
-    else
-        rowmm_f32(x, m, w->in, (const float *)w->tiles, w->out, y, t0, t1);
 }
 
 /* The decoder over m new rows at positions past .. past + m - 1.
@@ -140,68 +139,44 @@ int fused_llama(int64_t m, int64_t past, float *x, const float *cos, const float
                 int64_t hd, int64_t inter, float scaling, int threads) {
     const int64_t qw = nh * hd, kvw = nkv * hd, ctx_max = past + m;
     const int64_t widest = inter > hidden ? inter : hidden;
-    const int64_t pool = threads > 1 ? threads : 1;
     float *buf = malloc(sizeof(float) * (size_t)(m * (hidden + qw + 2 * kvw + qw + 2 * widest)
-                                                 + pool * ctx_max));
+                                                 + ctx_max));
     if (!buf) return -1;
     float *xn = buf, *q = xn + m * hidden, *k = q + m * qw, *v = k + m * kvw,
           *att = v + m * kvw, *gate = att + m * qw, *up = gate + m * widest,
-          *scratch = up + m * widest;  /* attention scores, ctx_max per thread */
+          *scores = up + m * widest;
 
-    /* One parallel region for the whole forward (a fork and join per projection cost more
-       than the projections of a small draft): the projections split their tiles over the
-       threads, attention its (row, head) pairs; the small row-wise steps run on one thread
-       between barriers. */
-#pragma omp parallel num_threads(threads) if (threads > 1)
-    {
-        const int n = omp_get_num_threads(), id = omp_get_thread_num();
-        float *scores = scratch + (int64_t)id * ctx_max;
-        for (int64_t l = 0; l < layers; ++l) {
-            const mat_t *w = mats + l * MATS;
-            float *kc = kcache[l], *vc = vcache[l];
-#pragma omp single
-            rmsnorm(x, norms[2 * l], m, hidden, eps, xn);
-            matmul_part(&w[Q], xn, m, q, id, n);
-            matmul_part(&w[K], xn, m, k, id, n);
-            matmul_part(&w[V], xn, m, v, id, n);
-#pragma omp barrier
-#pragma omp single
-            for (int64_t r = 0; r < m; ++r) {
-                rope(q + r * qw, nh, hd, cos + r * hd, sin + r * hd);
-                rope(k + r * kvw, nkv, hd, cos + r * hd, sin + r * hd);
-                for (int64_t g = 0; g < nkv; ++g) {  /* the new slot past + r of kv head g */
-                    const int64_t slot = (g * alloc[l] + past + r) * hd;
-                    memcpy(kc + slot, k + r * kvw + g * hd, (size_t)hd * sizeof(float));
-                    memcpy(vc + slot, v + r * kvw + g * hd, (size_t)hd * sizeof(float));
-                }
+    for (int64_t l = 0; l < layers; ++l) {
+        const mat_t *w = mats + l * MATS;
+        float *kc = kcache[l], *vc = vcache[l];
+        rmsnorm(x, norms[2 * l], m, hidden, eps, xn);
+        matmul(&w[Q], xn, m, q);
+        matmul(&w[K], xn, m, k);
+        matmul(&w[V], xn, m, v);
+        for (int64_t r = 0; r < m; ++r) {
+            rope(q + r * qw, nh, hd, cos + r * hd, sin + r * hd);
+            rope(k + r * kvw, nkv, hd, cos + r * hd, sin + r * hd);
+            for (int64_t g = 0; g < nkv; ++g) {  /* the new slot past + r of kv head g */
+                const int64_t slot = (g * alloc[l] + past + r) * hd;
+                memcpy(kc + slot, k + r * kvw + g * hd, (size_t)hd * sizeof(float));
+                memcpy(vc + slot, v + r * kvw + g * hd, (size_t)hd * sizeof(float));
             }
-            const int64_t groups = nh / nkv;
-#pragma omp for schedule(static)
-            for (int64_t rh = 0; rh < m * nh; ++rh) {  /* row r, head h over past + r + 1 slots */
-                const int64_t r = rh / nh, h = rh % nh, g = h / groups;
-                attend(q + r * qw + h * hd, kc + g * alloc[l] * hd, vc + g * alloc[l] * hd,
-                       past + r + 1, hd, scaling, scores, att + r * qw + h * hd);
-            }
-            matmul_part(&w[O], att, m, gate, id, n);
-#pragma omp barrier
-#pragma omp single
-            {
-                for (int64_t i = 0; i < m * hidden; ++i) x[i] += gate[i];
-                rmsnorm(x, norms[2 * l + 1], m, hidden, eps, xn);
-            }
-            matmul_part(&w[GATE], xn, m, gate, id, n);
-            matmul_part(&w[UP], xn, m, up, id, n);
-#pragma omp barrier
-#pragma omp for schedule(static)
-            for (int64_t i = 0; i < m * inter; ++i) {
-                const float g = gate[i];
-                gate[i] = g / (1.0f + expf(-g)) * up[i];
-            }
-            matmul_part(&w[DOWN], gate, m, up, id, n);
-#pragma omp barrier
-#pragma omp single
-            for (int64_t i = 0; i < m * hidden; ++i) x[i] += up[i];
         }
+        for (int64_t r = 0; r < m; ++r)
+            attend(q + r * qw, kc, vc, alloc[l], past + r + 1, nh, nkv, hd, scaling, scores,
+                   att + r * qw);
+        matmul(&w[O], att, m, gate);
+        for (int64_t i = 0; i < m * hidden; ++i) x[i] += gate[i];
+
+        rmsnorm(x, norms[2 * l + 1], m, hidden, eps, xn);
+        matmul(&w[GATE], xn, m, gate);
+        matmul(&w[UP], xn, m, up);
+        for (int64_t i = 0; i < m * inter; ++i) {
+            const float g = gate[i];
+            gate[i] = g / (1.0f + expf(-g)) * up[i];
+        }
+        matmul(&w[DOWN], gate, m, up);
+        for (int64_t i = 0; i < m * hidden; ++i) x[i] += up[i];
     }
     rmsnorm(x, final_norm, m, hidden, eps, xn);
     memcpy(x, xn, sizeof(float) * (size_t)(m * hidden));
