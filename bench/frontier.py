@@ -423,7 +423,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {r['label']} | {r['method']} | {r['layers']} | {r['dtype']} | {_n(r)} "
             f"| {r['k']} | {r['c']:.3f} | {r['v']:.2f} | {r['top1']:.3f} | {r['tau']:.2f} | "
-            f"{r.get('prefill_draft', 0):.1f} ({r.get('shared_layers', 0)}) | {r['predicted']:.2f}x | {'' if ms is None else f'{ms:.2f}x'} | "
+            f"{r.get('prefill_draft', 0):.1f} ({r.get('shared_layers', 0)}) | "
+            f"{r['predicted']:.2f}x | {'' if ms is None else f'{ms:.2f}x'} | "
             f"{_tau(r['tau_for_goal'])} |")
     return "\n".join(lines) + "\n"
 

@@ -42,6 +42,7 @@ def test_shared_layers_counts_the_bottom_layers_that_are_the_targets():
     with torch.no_grad():
         other_embedding.model.embed_tokens.weight[5] += 1.0
     assert shared_layers(target, other_embedding) == 0
+    assert shared_layers(target, torch.nn.Linear(2, 2)) == 0  # not a model the lean forward takes
     cut = copy.deepcopy(target)  # layer 2 removed, as a drop cut: the bottom two stay
     cut.model.layers = torch.nn.ModuleList([cut.model.layers[i] for i in (0, 1, 3)])
     cut.config.num_hidden_layers = 3

@@ -241,7 +241,9 @@ def shared_layers(target, draft) -> int:
     them again (the engine does). The parameters compared are the full-precision ones: a w8
     draft's bottom layers then start from the target's exact keys and values where its own int8
     products would have computed them to rounding -- only its proposals can change, never the
-    output, which the target verifies."""
+    output, which the target verifies. 0 for models the lean forward does not take."""
+    if lean_supported(target) is not None or lean_supported(draft) is not None:
+        return 0
     if draft is target:
         return target.config.num_hidden_layers
     t, d = target.get_decoder(), draft.get_decoder()

@@ -279,7 +279,8 @@ class BatchKV:
             input_valid, n_valid = None, [q] * batch
         if self.valid is None and input_valid is None:
             positions = torch.arange(width, width + q, device=self.device)[None, :].expand(batch, q)
-            logits = self._forward(input_ids, None, positions, self.cache, logits_to_keep, **options)
+            logits = self._forward(input_ids, None, positions, self.cache, logits_to_keep,
+                                   **options)
         else:
             self._materialize()
             if input_valid is None:
@@ -293,7 +294,8 @@ class BatchKV:
             kv_valid = torch.cat([self.valid, new_valid], dim=1)
             needs_mask = any(length + n < width + q for length, n in zip(self.lengths, n_valid))
             mask = self._mask(kv_valid, q) if needs_mask else None
-            logits = self._forward(input_ids, mask, positions, self.cache, logits_to_keep, **options)
+            logits = self._forward(input_ids, mask, positions, self.cache, logits_to_keep,
+                                   **options)
             self.valid = kv_valid
             self.next_pos = self.next_pos + n_new
         self._width = width + q
