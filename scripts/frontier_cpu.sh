@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The README's CPU frontier: the drafts of scripts/speed_round.sh (keep 12, drop 6, drop 3, drop 1:
-# pruned, SFT, self-distilled; scripts/heal_drop3.sh's + KD ones) plus the unpruned target as a quantization-only reference, each in the
-# draft dtypes $DTYPES (default fp32 and w8: int8 weights on the rowmm kernel), on a quiet
-# machine (nothing else running), writing each draft's recommended settings; then
+# The README's CPU frontier: the drafts of scripts/speed_round.sh (keep 12, drop 6, drop 3,
+# drop 1: pruned, SFT, self-distilled; scripts/heal_kd.sh's + KD ones) plus the unpruned target
+# as a quantization-only reference, each in the draft dtypes $DTYPES (default fp32 and w8: int8
+# weights on the rowmm kernel), on a quiet machine (nothing else running), writing each draft's
+# recommended settings; then
 # bench/latency.py on the fastest draft with those settings. Results: bench/results/$NAME*.
 #
 #   THREADS=1 bash scripts/frontier_cpu.sh [extra bench/frontier.py flags]   # ~40 min
@@ -16,7 +17,8 @@ NAME="${NAME:-frontier-cpu}"
 args=()
 # DRAFTS: the drafts under runs/speed/ to measure (those not made yet are left out)
 DRAFTS="${DRAFTS:-keep12/pruned keep12/sft keep12/sd drop6/pruned drop6/sft drop6/sd drop3/pruned \
-drop3/sft drop3/sd drop3/sft-kd4 drop3/sd-kd4 drop1/pruned drop1/sft drop1/sd}"
+drop3/sft drop3/sd drop3/sft-kd4 drop3/sd-kd4 drop1/pruned drop1/sft drop1/sd drop1/sft-kd4 \
+drop1/sd-kd4}"
 for d in $DRAFTS; do
     [[ -f "$H/$d/specdec.json" ]] && args+=(--draft "${d/\//-}=$H/$d")
 done

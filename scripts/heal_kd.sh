@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A longer heal of a speed-round cut (#12; CUT=drop3 by default, or drop1): the speed round's
-# recipe, four epochs instead of one,
-# with dense KD from a cached top-32 logit cache (KL + TV, the target never runs during
-# training) and the tied embedding / head frozen beside the layers below the cut. SFT and
+# recipe, four epochs instead of one, with dense KD from a cached top-32 logit cache (KL + TV,
+# the target never runs during training) and the tied embedding / head frozen beside the layers
+# below the cut. SFT and
 # self-distilled differ only in --data (and their caches). Needs scripts/speed_round.sh's
 # drafts and data. Resumable: caches and fine-tunes skip or resume when they have already run.
 #
