@@ -242,11 +242,9 @@ class SpeculativeEngine:
         for the 2-16 rows of a verification (v(1) ~1.8 -> ~1.2 on an AVX2 CPU; one-row
         products unchanged). None: wherever supported; False: never (every linear as
         ``model(...)`` computes it).
-    share_prefill: where the draft's bottom layers are the target's own (`forward.shared_layers`:
-        the same embedding and weights, e.g. a cut healed with those layers frozen), the draft's
-        prefill takes their keys and values and the hidden states above them from the target's
-        prefill instead of computing them again (lean forwards only). Lossless all the same:
-        only the draft's proposals can change.
+    share_prefill: the draft's prefill takes the bottom layers it shares with the target
+        (`forward.shared_layers`) from the target's prefill instead of computing them again
+        (lean forwards only; lossless: only the draft's proposals can change).
     """
 
     def __init__(
