@@ -62,7 +62,6 @@ batch in flight, and a rerun with the same arguments skips every record already 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -81,6 +80,7 @@ from specdec.data import DataError, chat_ids
 from specdec.filters import REASONS, is_math, reject_reason
 from specdec.generation import (Decoding, Generation, Generator, TransformersGenerator,
                                 VLLMGenerator, stop_token_ids)
+from specdec.jsonl import append_records, read_done, write_jsonl_atomic
 from specdec.models import DEFAULT_TARGET, resolve_model, write_json_atomic
 from specdec.precision import bf16_warning
 from specdec.turns import FirstTurn, data_sha256, first_turns
@@ -327,56 +327,6 @@ def partial_path(out: str | Path) -> Path:
 
 def summary_path(out: str | Path) -> Path:
     return Path(f"{out}.summary.json")
-
-
-def read_done(path: Path) -> dict[str, dict[str, Any]]:
-    """Records already written to a JSONL file, by id. A last line cut off by an interrupt is
-    dropped (the file is rewritten without it); a bad line elsewhere is an error."""
-    if not path.is_file():
-        return {}
-    done: dict[str, dict[str, Any]] = {}
-    lines = path.read_bytes().split(b"\n")
-    good_bytes, bad = 0, None
-    for i, raw in enumerate(lines):
-        if not raw.strip():
-            good_bytes += len(raw) + 1
-            continue
-        try:
-            obj = json.loads(raw)
-            if not isinstance(obj, dict) or "id" not in obj:
-                raise ValueError("not a record")
-        except ValueError:
-            bad = i
-            break
-        done[str(obj["id"])] = obj
-        good_bytes += len(raw) + 1
-    if bad is not None:
-        rest = [ln for ln in lines[bad + 1:] if ln.strip()]
-        if rest:
-            raise DataError(f"{path}:{bad + 1}: not a JSON record, and more lines follow; the "
-                            f"file is damaged: delete it to start over")
-        with open(path, "r+b") as f:  # drop the torn last line
-            f.truncate(min(good_bytes, path.stat().st_size))
-    return done
-
-
-def append_records(path: Path, records: list[dict[str, Any]]) -> None:
-    """Append records as JSONL and fsync, so a finished batch survives a crash."""
-    with open(path, "a", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------- run
