@@ -146,11 +146,26 @@ def healing_method(path: str | Path) -> str:
     if stage == "finetune":
         recipe = m.get("recipe") or {}
         data = str(m.get("data") or recipe.get("data") or "")
-        name = "self-distilled" if "distill" in Path(data).name else "SFT"
+        name = "self-distilled" if _target_written(data) else "SFT"
         if (recipe.get("kd") or 0) > 0 or (recipe.get("kd_tv") or 0) > 0:
             name += " + KD"
         return name
     return "draft"
+
+
+def _target_written(data: str) -> bool:
+    """Whether a fine-tune's data file is the target's (a `specdec.distill` output, rewrites
+    or regenerated answers: its records carry origin "distilled" / "fallback"); by the file's
+    name where it is not readable here."""
+    try:
+        with open(data, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+        origin = json.loads(first).get("origin") if first else None
+    except (OSError, ValueError, AttributeError):
+        origin = None
+    if origin is not None:
+        return origin in ("distilled", "fallback")
+    return "distill" in Path(data).name
 
 
 def e2e(target, configs: list[dict[str, Any]], drafts: dict[tuple[str, str], Any],

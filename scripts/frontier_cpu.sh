@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's CPU frontier: the drafts of scripts/speed_round.sh (keep 12, drop 6, drop 3,
-# drop 1: pruned, SFT, self-distilled; scripts/heal_kd.sh's + KD ones) plus the unpruned target
+# drop 1: pruned, SFT, self-distilled; scripts/heal_kd.sh's + KD ones, scripts/heal_regen.sh's
+# sd-regen ones) plus the unpruned target
 # as a quantization-only reference, each in the draft dtypes $DTYPES (default fp32 and w8: int8
 # weights on the rowmm kernel), on a quiet machine (nothing else running), writing each draft's
 # recommended settings; then
@@ -16,9 +17,9 @@ H=runs/speed
 NAME="${NAME:-frontier-cpu}"
 args=()
 # DRAFTS: the drafts under runs/speed/ to measure (those not made yet are left out)
-DRAFTS="${DRAFTS:-keep12/pruned keep12/sft keep12/sd drop6/pruned drop6/sft drop6/sd drop3/pruned \
-drop3/sft drop3/sd drop3/sft-kd4 drop3/sd-kd4 drop1/pruned drop1/sft drop1/sd drop1/sft-kd4 \
-drop1/sd-kd4}"
+DRAFTS="${DRAFTS:-keep12/pruned keep12/sft keep12/sd keep12/sd-regen drop6/pruned drop6/sft \
+drop6/sd drop6/sd-regen drop3/pruned drop3/sft drop3/sd drop3/sd-regen drop3/sft-kd4 drop3/sd-kd4 \
+drop1/pruned drop1/sft drop1/sd drop1/sd-regen drop1/sft-kd4 drop1/sd-kd4}"
 for d in $DRAFTS; do
     [[ -f "$H/$d/specdec.json" ]] && args+=(--draft "${d/\//-}=$H/$d")
 done

@@ -90,6 +90,26 @@ def test_validate_errors(frontier, tmp_path):
     assert frontier.parse_drafts([draft])[0]["method"] == "draft"  # manifest stage "test"
 
 
+def test_healing_method_reads_the_data_provenance(frontier, tmp_path):
+    """A fine-tune on the target's answers is self-distilled whatever its data file is called
+    (regenerated answers included); one on the original answers is SFT."""
+    draft = save_tiny_chat_model(tmp_path / "d")
+    regen, original = tmp_path / "regen.jsonl", tmp_path / "answers-distilled-names.jsonl"
+    regen.write_text(json.dumps({"id": "a", "origin": "distilled", "mode": "regenerate"}) + "\n")
+    original.write_text(json.dumps({"id": "a", "origin": "original"}) + "\n")
+
+    def method(data, kd=0.0):
+        (draft / "specdec.json").write_text(json.dumps(
+            {"stage": "finetune", "data": str(data), "recipe": {"kd": kd}}))
+        return frontier.healing_method(draft)
+
+    assert method(regen) == "self-distilled"
+    assert method(regen, kd=1.0) == "self-distilled + KD"
+    assert method(original) == "SFT"
+    assert method(tmp_path / "gone-distilled.jsonl") == "self-distilled"  # by name when absent
+    assert method(tmp_path / "gone.jsonl") == "SFT"
+
+
 def test_prediction_counts_the_prefills(frontier):
     """Without prefills the prediction is tau / (k c + v); the draft's prefill lowers it, and
     tau_needed inverts it (None where no tau can reach the speedup)."""
