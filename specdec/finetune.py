@@ -36,8 +36,9 @@ tied embedding/head), nothing below the cut needs a backward pass.
 LoRA (peft) adapters are merged into the weights at the end. The result is a plain
 LlamaForCausalLM checkpoint dir plus specdec.json (parent, data file and sha256, recipe, loss
 curve), loss_curve.json and loss_curve.png. Every --save-every steps the trainable weights,
-optimizer, scheduler, RNG states and step go to `<out>.ckpt/`; a rerun with the same arguments
-resumes from there, and a finished --out with the same recipe is not retrained.
+optimizer, scheduler, RNG states and step go to `<out>.ckpt/` (`specdec.train_state`); a rerun
+with the same arguments resumes from there, and a finished --out with the same recipe is not
+retrained.
 """
 
 from __future__ import annotations
@@ -73,10 +74,10 @@ from specdec.kd import OnlineTeacher, kd_losses, response_logits
 from specdec.models import (DEFAULT_TARGET, MANIFEST, ModelError, load_model, read_manifest,
                             resolve_model, save_checkpoint, write_json_atomic)
 from specdec.precision import bf16_warning
-from specdec.train_state import (TrainState, checkpoint, ckpt_dir, plot_curve, resume,
-                                 world)
 from specdec.train_data import (DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_SEQ_LEN, Example,
                                 Selection, build_examples, collate, epoch_batches, special_ids)
+from specdec.train_state import (TrainState, checkpoint, ckpt_dir, plot_curve, resume,
+                                 world)
 
 METHODS = ("lora", "full")
 DEFAULT_LR = {"lora": 2e-4, "full": 5e-5}
