@@ -4,8 +4,8 @@
 # then one sampled retry at T 0.7 / top-p 0.9), and each speed-round cut is healed on those
 # answers with exactly the recipe its `sd` and `sft` drafts got in scripts/speed_round.sh (only
 # --data differs), as `<cut>/sd-regen`. Needs scripts/speed_round.sh's pruned drafts and
-# original-384.jsonl (the prompts). Resumable: the distillation continues from its partial
-# output, a finished fine-tune is skipped.
+# original-384.jsonl (the prompts), and .venv-vllm (bash scripts/install_vllm.sh). Resumable:
+# the distillation continues from its partial output, a finished fine-tune is skipped.
 #
 #   bash scripts/heal_regen.sh            # ~28 min distillation on one core, then drop 3 and drop 1
 #   CUTS="keep12 drop6" bash scripts/heal_regen.sh   # other cuts; ~10-15 min a cut, two at a time
