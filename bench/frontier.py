@@ -157,12 +157,13 @@ def _target_written(data: str) -> bool:
     """Whether a fine-tune's data file is the target's (a `specdec.distill` output, rewrites
     or regenerated answers: its records carry origin "distilled" / "fallback"); by the file's
     name where it is not readable here."""
+    from specdec.data import DataError, iter_jsonl
+
     try:
-        with open(data, encoding="utf-8") as f:
-            first = next((line for line in f if line.strip()), "")
-        origin = json.loads(first).get("origin") if first else None
-    except (OSError, ValueError, AttributeError):
-        origin = None
+        first = next((r for r, _ in iter_jsonl(data)), None)
+    except (OSError, DataError):
+        first = None
+    origin = first.get("origin") if isinstance(first, dict) else None
     if origin is not None:
         return origin in ("distilled", "fallback")
     return "distill" in Path(data).name

@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
 # The README's CPU frontier: the drafts of scripts/speed_round.sh (keep 12, drop 6, drop 3,
 # drop 1: pruned, SFT, self-distilled; scripts/heal_kd.sh's + KD ones, scripts/heal_regen.sh's
-# sd-regen ones) plus the unpruned target
-# as a quantization-only reference, each in the draft dtypes $DTYPES (default fp32 and w8: int8
-# weights on the rowmm kernel), on a quiet machine (nothing else running), writing each draft's
-# recommended settings; then
-# bench/latency.py on the fastest draft with those settings. Results: bench/results/$NAME*.
+# sd-regen ones) plus the unpruned target as a quantization-only reference, each in the draft
+# dtypes $DTYPES (default fp32 and w8: int8 weights on the rowmm kernel), on a quiet machine
+# (nothing else running), writing each draft's recommended settings; then bench/latency.py on
+# the fastest draft with those settings. Results: bench/results/$NAME*.
 #
 #   THREADS=1 bash scripts/frontier_cpu.sh [extra bench/frontier.py flags]   # ~40 min
 #   DTYPES=fp32,int8 NAME=frontier-int8 SPECDEC_ROWMM=0 THREADS=1 bash scripts/frontier_cpu.sh

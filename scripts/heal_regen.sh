@@ -2,7 +2,7 @@
 # Self-distillation on the target's own answers (#12): the target answers the speed round's 384
 # prompts alone (`--mode regenerate`, greedy with no penalty -- the decoding it is served with --
 # then one sampled retry at T 0.7 / top-p 0.9), and each speed-round cut is healed on those
-# answers with exactly the recipe its `sd` and `sft` drafts got in scripts/speed_round.sh (only
+# answers with exactly the recipe its `sd` and `sft` drafts got (scripts/speed_recipe.sh; only
 # --data differs), as `<cut>/sd-regen`. Needs scripts/speed_round.sh's pruned drafts and
 # original-384.jsonl (the prompts), and .venv-vllm (bash scripts/install_vllm.sh). Resumable:
 # the distillation continues from its partial output, a finished fine-tune is skipped.
@@ -21,16 +21,13 @@ export OMP_NUM_THREADS=1
     --retry-temperature 0.7 --retry-top-p 0.9 --retry-frequency-penalty 0 \
     --max-answer-tokens 192 --batch-size 128 --vllm-kv-cache-gib 3 --out $G
 
-R="--full --n 384 --epochs 1 --batch-size 16 --micro-batch-size 8 --max-seq-len 384 \
---max-answer-tokens 192 --freeze-below-cut --eval-every 8 --eval-n 40 --eval-max-new-tokens 64"
-declare -A RECIPE=([keep12]="--lr 3e-4" [drop6]="--lr 1e-4" [drop3]="--lr 1e-4"
-                   [drop1]="--lr 1e-4 --epochs 2 --freeze-embeddings")
+source scripts/speed_recipe.sh  # SPEED_R, SPEED_CUT: the speed round's recipe per cut
 ft() {  # ft CUT: the cut's sd recipe on the regenerated answers, skipped once complete
     local out=$H/$1/sd-regen
     grep -qs '"stage": "finetune"' "$out/specdec.json" && return 0
     # shellcheck disable=SC2086
-    $P -m specdec.finetune $R ${RECIPE[$1]} --draft $H/$1/pruned --data $G --out "$out" \
-        > "$out.log" 2>&1
+    $P -m specdec.finetune $SPEED_R ${SPEED_CUT[$1]} --draft $H/$1/pruned --data $G \
+        --out "$out" > "$out.log" 2>&1
 }
 cuts=(${CUTS:-drop3 drop1})
 for ((i = 0; i < ${#cuts[@]}; i += 2)); do  # two fine-tunes at a time, one core each

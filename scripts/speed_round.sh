@@ -27,30 +27,31 @@ bash scripts/install_vllm.sh
 [[ -f $O ]] || $P -c "from pathlib import Path; from specdec.pipeline import write_original; \
 write_original(Path('$D'), Path('$O'))"
 
-R="--full --n 384 --epochs 1 --batch-size 16 --micro-batch-size 8 --max-seq-len 384 \
---max-answer-tokens 192 --freeze-below-cut --eval-every 8 --eval-n 40 --eval-max-new-tokens 64"
-ft() {  # ft OUT ARGS...: one fine-tune, skipped once its checkpoint is complete
-    local out=$1; shift
+source scripts/speed_recipe.sh  # SPEED_R, SPEED_CUT
+ft() {  # ft CUT METHOD DATA: one fine-tune, skipped once its checkpoint is complete
+    local out=$H/$1/$2
     grep -qs '"stage": "finetune"' "$out/specdec.json" && return 0
     mkdir -p "$(dirname "$out")"
-    $P -m specdec.finetune $R "$@" --out "$out" > "$out.log" 2>&1
+    # shellcheck disable=SC2086
+    $P -m specdec.finetune $SPEED_R ${SPEED_CUT[$1]} --draft $H/$1/pruned --data "$3" \
+        --out "$out" > "$out.log" 2>&1
 }
 # two chains side by side, one core each
-{ ft $H/drop6/sd --draft $H/drop6/pruned --data $D --lr 1e-4
-  ft $H/drop6/sft --draft $H/drop6/pruned --data $O --lr 1e-4; } &
-{ ft $H/keep12/sd --draft $H/keep12/pruned --data $D --lr 3e-4
-  ft $H/keep12/sft --draft $H/keep12/pruned --data $O --lr 3e-4; } &
+{ ft drop6 sd $D
+  ft drop6 sft $O; } &
+{ ft keep12 sd $D
+  ft keep12 sft $O; } &
 wait
 # a shallow cut (added on the afternoon of 2026-12-03, for concurrent drafting)
-ft $H/drop3/sd --draft $H/drop3/pruned --data $D --lr 1e-4 &
-ft $H/drop3/sft --draft $H/drop3/pruned --data $O --lr 1e-4 &
+ft drop3 sd $D &
+ft drop3 sft $O &
 wait
 # the shallowest cut, one layer (added late on 2026-12-03, when the frontier favoured it): two
 # epochs, the embedding frozen too, so its 25 bottom layers stay the target's and the engine
 # takes their prefill from the target's (forward.shared_layers)
 [[ -f $H/drop1/pruned/specdec.json ]] || \
     $P -m specdec.prune --drop 1 --select angular --out $H/drop1/pruned
-ft $H/drop1/sd --draft $H/drop1/pruned --data $D --lr 1e-4 --epochs 2 --freeze-embeddings &
-ft $H/drop1/sft --draft $H/drop1/pruned --data $O --lr 1e-4 --epochs 2 --freeze-embeddings &
+ft drop1 sd $D &
+ft drop1 sft $O &
 wait
 echo "speed round: drafts ready under $H"
