@@ -50,9 +50,11 @@ if [[ $DRY == 1 ]]; then
     for f in bench/kernels.py tests/test_kernels.py scripts/gpu_engine_check.py; do
         [[ -f $f ]] || { echo "missing $f" | tee -a "$LOG"; exit 1; }
     done
-    step "gpu tests collected" 120 "$PY" -m pytest -q -m gpu --collect-only tests/test_kernels.py
-    step "kernel bench (cpu, torch path, small shapes)" 300 "$PY" bench/kernels.py --device cpu \
-        --vocab 128256 --batches 1 --ks 1,4 --repeats 2 --warmup 1 \
+    step "gpu tests collected" 120 "$PY" -P -m pytest -q -m gpu --collect-only tests/test_kernels.py
+    # the interpreter runs the Triton path too: every row checked against torch, batch 2
+    # included (strided rows of the target's logits)
+    step "kernel bench (cpu, interpreter, small shapes)" 300 "$PY" bench/kernels.py --device cpu \
+        --vocab 4096 --batches 1,2 --ks 1,4 --repeats 1 --warmup 0 \
         --out "$OUT_DIR/kernels.json"
     step "engine check (cpu, rehearsal target)" 300 "$PY" scripts/gpu_engine_check.py \
         --device cpu --prompts 2 --max-tokens 8 --out "$OUT_DIR/engine.json"
@@ -61,7 +63,7 @@ else
     "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || {
         echo "no CUDA device: run with --dry-run here" | tee -a "$LOG"; exit 1; }
     nvidia-smi >>"$LOG" 2>&1
-    step "triton parity (pytest -m gpu)" 180 "$PY" -m pytest -q -m gpu tests/test_kernels.py
+    step "triton parity (pytest -m gpu)" 180 "$PY" -P -m pytest -q -m gpu tests/test_kernels.py
     step "kernel bench (8B shapes, bf16)" 240 "$PY" bench/kernels.py --device cuda \
         --vocab 128256 --batches 1,8,32,64 --ks 1,2,4,8 --dtype bf16 \
         --out "$OUT_DIR/kernels.json"

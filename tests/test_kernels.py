@@ -431,3 +431,31 @@ def test_cuda_parity_llama_shapes():
     alpha, kl = K.acceptance_stats_triton(target[:, 0].contiguous(), draft[:, 0].contiguous())
     ref = K.acceptance_stats_torch(target[:, 0].contiguous(), draft[:, 0].contiguous())
     torch.testing.assert_close((alpha, kl), ref, rtol=1e-3, atol=1e-4)
+
+
+def test_kernel_bench_checks_every_shape_against_torch(tmp_path):
+    """bench/kernels.py under the interpreter: batches > 1 with k < k + 1 slice the target's
+    logits (strided rows); every kernel's output must match the torch reference there."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    if not interpreting():
+        pytest.skip("runs the Triton path through TRITON_INTERPRET=1")
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_kernels", root / "bench" / "kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_kernels"] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        out = tmp_path / "kernels.json"
+        rc = module.main(["--device", "cpu", "--vocab", "96", "--batches", "1,3", "--ks", "1,2",
+                          "--repeats", "1", "--warmup", "0", "--out", str(out)])
+    finally:
+        sys.modules.pop("bench_kernels", None)
+    rows = json.loads(out.read_text())["rows"]
+    assert rc == 0
+    assert {(r["kernel"], r["batch"], r["k"]) for r in rows} == {
+        (kernel, b, k) for kernel in ("greedy", "sample", "stats") for b in (1, 3) for k in (1, 2)}
+    assert all(r["match"] for r in rows), [r for r in rows if not r["match"]]
