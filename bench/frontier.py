@@ -25,7 +25,12 @@ rewrites in ``--vocab-data``, `specdec.vocab`), on this machine and in this engi
    dtype (the fastest target-only decode this engine has), on ``--e2e-prompts`` MT-Bench first
    turns x ``--new-tokens`` tokens (EOS ignored), in an order rotated per prompt: the measured
    speedup is the median of per-prompt paired time ratios; every run's tokens must equal the
-   target-alone run's.
+   target-alone run's;
+5. ``--versus A:B`` (repeatable): drafts A and B are both measured end to end (each at its best
+   configuration) and compared head to head, per prompt, in the same rotation: the median of
+   B's time over A's (> 1: A is faster), its 95% bootstrap interval and how many prompts A won.
+   This is how a self-distilled draft's lead over its SFT twin is told from run-to-run noise:
+   both share every prompt, the machine's state and the target-alone baseline.
 
 Prints one table, writes ``<out>/frontier.json``, ``<out>/frontier.md`` and
 ``<out>/frontier.png`` (speedup vs draft cost, a curve per healing method), and ends with one
@@ -55,6 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import latency as lat  # noqa: E402  (bench/latency.py: the engine methods and helpers)
+from paired import head_to_head, versus_lines, versus_pairs  # noqa: E402  (--versus)
 from frontier_costs import (  # noqa: E402,F401  (c, v(k), prefills, the cost model; re-exported)
     draft_cost,
     predict,
@@ -85,6 +91,7 @@ class FrontierConfig:
     new_tokens: int = 128
     repeats: int = 1
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    versus: list[str] = field(default_factory=list)  # "A:B": draft A head to head with B
     write_recommended: bool = False
     out: str = "bench/results/frontier"
 
@@ -115,6 +122,11 @@ def validate(cfg: FrontierConfig) -> None:
                          "self-distilled JSONL whose kept rewrites rank the target's tokens")
     if cfg.vocab_data and not Path(cfg.vocab_data).is_file():
         raise ValueError(f"--vocab-data {cfg.vocab_data} does not exist")
+    if cfg.versus:
+        versus_pairs(cfg.versus, [d["label"] for d in parse_drafts(cfg.draft)])
+        if cfg.e2e_best <= 0:
+            raise ValueError("--versus compares drafts end to end: give --e2e-best >= 1")
+
 
 
 def parse_drafts(specs: list[str]) -> list[dict[str, str]]:
@@ -201,6 +213,7 @@ def e2e(target, configs: list[dict[str, Any]], drafts: dict[tuple[str, str], Any
                                              for b, r in zip(base, rs)),
             "mal": sum(r.accepted + r.steps for r in rs) / sum(r.steps for r in rs),
             "tokens_match": all(r.tokens == b.tokens for b, r in zip(base, rs)),
+            "seconds": [r.seconds for r in rs],
         }
     out["wall_s"] = time.perf_counter() - t0
     return out
@@ -306,7 +319,8 @@ def run(cfg: FrontierConfig, console: Console | None = None) -> dict[str, Any]:
     for r in rows:
         r["name"] = f"{r['label']} {r['dtype']} N={r['n'] or 'full'} k={r['k']}"
 
-    chosen = choose_e2e(rows, cfg.e2e_best)
+    pairs = versus_pairs(cfg.versus, [d["label"] for d in specs])
+    chosen = choose_e2e(rows, cfg.e2e_best, must={x for pair in pairs for x in pair})
     measured = {}
     if chosen:
         console.print(f"[bold]end to end[/]: {', '.join(c['name'] for c in chosen)}")
@@ -317,13 +331,17 @@ def run(cfg: FrontierConfig, console: Console | None = None) -> dict[str, Any]:
                          measured_tok_s=measured[r["name"]]["tok_s"],
                          measured_mal=measured[r["name"]]["mal"],
                          tokens_match=measured[r["name"]]["tokens_match"])
+    by_label = {c["label"]: c["name"] for c in chosen}
+    versus = [{"a": a, "b": b, "a_config": by_label[a], "b_config": by_label[b],
+               **head_to_head(measured[by_label[a]]["seconds"], measured[by_label[b]]["seconds"])}
+              for a, b in pairs]
 
     result = {
         "config": asdict(cfg), "machine": lat._machine(), "threads": torch.get_num_threads(),
         "load_average": {"start": load_start, "end": os.getloadavg()},
         "target_layers": target.config.num_hidden_layers, "answers": len(answers),
         "target_forward_ms": verify["target_forward_s"] * 1e3, "verify_cost": verify["v"],
-        "coverage_curve": curve, "rows": rows, "e2e": measured,
+        "coverage_curve": curve, "rows": rows, "e2e": measured, "versus": versus,
         "wall_s": time.perf_counter() - t_start,
     }
     if cfg.write_recommended:
@@ -331,8 +349,10 @@ def run(cfg: FrontierConfig, console: Console | None = None) -> dict[str, Any]:
     return result
 
 
-def choose_e2e(rows: list[dict[str, Any]], best: int) -> list[dict[str, Any]]:
-    """The `best` best predicted configurations, one per draft, plus each method's best."""
+def choose_e2e(rows: list[dict[str, Any]], best: int,
+               must: set[str] = frozenset()) -> list[dict[str, Any]]:
+    """The `best` best predicted configurations, one per draft, plus each method's best and
+    the best of each draft in `must` (the --versus pairs)."""
     if best <= 0:
         return []
     ranked = sorted(rows, key=lambda r: -r["predicted"])
@@ -341,12 +361,14 @@ def choose_e2e(rows: list[dict[str, Any]], best: int) -> list[dict[str, Any]]:
         if r["label"] not in labels and len(chosen) < best:
             chosen.append(r)
             labels.add(r["label"])
-    for method in sorted({r["method"] for r in rows}):
-        top = next(r for r in ranked if r["method"] == method)
+    tops = [next(r for r in ranked if r["method"] == m) for m in sorted({r["method"] for r in rows})]
+    tops += [next(r for r in ranked if r["label"] == label) for label in sorted(must)]
+    for top in tops:
         if top["label"] not in labels:
             chosen.append(top)
             labels.add(top["label"])
     return chosen
+
 
 
 def best_per_draft(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -442,6 +464,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"{r.get('prefill_draft', 0):.1f} ({r.get('shared_layers', 0)}) | "
             f"{r['predicted']:.2f}x | {'' if ms is None else f'{ms:.2f}x'} | "
             f"{_tau(r['tau_for_goal'])} |")
+    if result.get("versus"):
+        lines += [""] + versus_lines(result)
     return "\n".join(lines) + "\n"
 
 
@@ -522,6 +546,9 @@ def summary(result: dict[str, Any], out: Path) -> dict[str, Any]:
         "tau_for_goal": None if top["tau_for_goal"] is None else round(top["tau_for_goal"], 3),
         "max_prediction_error": round(max(errors), 3) if errors else None,
         "all_tokens_match": all(r["tokens_match"] for r in measured),
+        "versus": [{"a": v["a"], "b": v["b"], "ratio": round(v["ratio"], 4),
+                    "ci95": [round(x, 4) for x in v["ci95"]], "a_faster": v["a_faster"],
+                    "of": v["of"]} for v in result.get("versus", [])],
         "verdict": verdict(result),
         "out": str(out),
     }
@@ -533,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
         flag = "--" + name.replace("_", "-")
         if name == "draft":
             parser.add_argument(flag, action="append", default=[], help="[method:]label=path (repeat)")
+        elif name == "versus":
+            parser.add_argument(flag, action="append", default=[],
+                                help="A:B, two draft labels: A head to head with B (repeat)")
         elif isinstance(value, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
         else:
@@ -554,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     plot(result, out / "frontier.png")
     console = Console(width=220)
     console.print(table(result))
+    for line in versus_lines(result):
+        console.print(line)
     console.print(verdict(result))
     print(json.dumps(summary(result, out / "frontier.json")))
     return 0

@@ -88,6 +88,38 @@ def test_validate_errors(frontier, tmp_path):
     [spec] = frontier.parse_drafts([f"self-distilled:sd={draft}"])
     assert spec == {"label": "sd", "path": draft, "method": "self-distilled"}
     assert frontier.parse_drafts([draft])[0]["method"] == "draft"  # manifest stage "test"
+    both = [f"sd={draft}", f"sft={draft}"]
+    for bad, why in (("sd", "two different draft labels"), ("sd:sd", "two different"),
+                     ("sd:sfft", "no draft labelled sfft")):
+        with pytest.raises(ValueError, match=why):
+            frontier.validate(cfg(draft=both, versus=[bad]))
+    with pytest.raises(ValueError, match="--e2e-best >= 1"):
+        frontier.validate(cfg(draft=both, versus=["sd:sft"], e2e_best=0))
+    frontier.validate(cfg(draft=both, versus=["sd:sft"]))
+
+
+def test_versus_is_paired_per_prompt(frontier):
+    """A head-to-head ratio pairs each prompt's two runs: a draft 5% faster on every prompt is
+    5% faster however much the prompts' own times differ, and the interval says so."""
+    prompt_times = [0.5, 2.0, 1.1, 3.3, 0.8, 1.7, 2.6, 0.9]
+    a = [t / 1.05 for t in prompt_times]
+    h = frontier.head_to_head(a, prompt_times)
+    assert h["ratio"] == pytest.approx(1.05) and h["ci95"] == pytest.approx([1.05, 1.05])
+    assert (h["a_faster"], h["of"]) == (8, 8)
+    noisy = [t * (1.12 if i % 2 else 0.97) for i, t in enumerate(prompt_times)]  # a tie, noisily
+    h = frontier.head_to_head(noisy, prompt_times)
+    assert h["ci95"][0] < 1 < h["ci95"][1] and h["a_faster"] == 4
+    assert frontier.head_to_head(noisy, prompt_times) == h  # seeded: the same interval again
+    with pytest.raises(ValueError, match="same, non-zero number"):
+        frontier.head_to_head(a, a[:-1])
+    # the pair's drafts are measured end to end even when their prediction ranks them low
+    rows = [_row("sd", "self-distilled", 1, 0.9), _row("sd2", "self-distilled", 1, 0.95),
+            _row("sft", "SFT", 1, 0.8), _row("sft2", "SFT", 1, 0.85)]
+    assert {r["label"] for r in frontier.choose_e2e(rows, 1)} == {"sd2", "sft2"}
+    chosen = frontier.choose_e2e(rows, 1, must={"sd", "sft"})
+    assert {r["label"] for r in chosen} == {"sd2", "sft2", "sd", "sft"}
+    [line] = frontier.versus_lines({"versus": [{"a": "sd", "b": "sft", **h}]})
+    assert line.startswith("sd vs sft: sft's time / sd's = ") and "faster on 4 of 8 runs" in line
 
 
 def test_healing_method_reads_the_data_provenance(frontier, tmp_path):
@@ -143,6 +175,7 @@ def test_costs_and_e2e_on_tiny_models(frontier):
                        cfg, Console(quiet=True))
     assert out["d fp32 N=48 k=2"]["tokens_match"] is True  # lossless with the trimmed head
     assert out["d fp32 N=48 k=2"]["speedup"] > 0
+    assert len(out["d fp32 N=48 k=2"]["seconds"]) == 2  # one run per prompt, for --versus
 
 
 def test_recommended_settings_are_written_and_picked_up(frontier, tmp_path, monkeypatch):
