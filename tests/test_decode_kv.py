@@ -199,6 +199,29 @@ def test_row_exact_with_a_mask_uses_each_rows_mask():
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cpu_bf16_verification_feeds_its_linears_slot_by_slot(dtype):
+    """On the CPU oneDNN's bf16 products need not be row-invariant (an AVX-512 bf16 CPU rounds
+    an output of a 5-row down_proj differently from the 1-row one now and then), so a row-exact
+    bf16 verification gives every linear one slot at a time, as a one-token forward does; fp32
+    keeps whole products (rowmm and the weight-major path are row-invariant)."""
+    model = make_tiny_llama(seed=5, num_layers=2, hidden_size=128, num_heads=4,
+                            num_kv_heads=2, intermediate_size=256).to(dtype)
+    seen = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    fwd = LeanLlamaForward(model, row_exact=True, pack=False)
+    with torch.inference_mode():
+        cache = make_cache(model, 32)
+        fwd(torch.randint(0, 97, (1, 6)), None, torch.arange(6)[None], cache, 0)  # the prompt
+        assert set(seen) == {6}
+        seen.clear()
+        fwd(torch.randint(0, 97, (1, 4)), None, torch.arange(6, 10)[None], cache, 0)  # a verification
+    calls, rows = (4, 1) if dtype == torch.bfloat16 else (1, 4)  # per linear, for 4 slots
+    assert len(seen) == (2 * 7 + 1) * calls and set(seen) == {rows}  # 7 linears a layer + head
+
+
 def test_smollm2_bf16_verification_equals_target_alone(smollm2_path):
     """SmolLM2 in bf16, the case that broke greedy identity before row_exact: 5-slot
     verifications give bitwise the logits of one-token decoding, so a bf16 speculative decode

@@ -314,9 +314,20 @@ def test_errors_through_the_openai_client(client, served):
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
-def test_client_gone_mid_request_frees_the_engine(served, stream):
+def test_client_gone_mid_request_frees_the_engine(served, stream, monkeypatch):
     base_url, app = served
     state = app.state.specdec
+    engine, generate = state.worker.engine, state.worker.engine.generate
+
+    def paced(prompts, params, stream=None, **kwargs):
+        """Each step's tokens 20 ms late, so that a fast machine cannot finish the 400 tokens
+        (at most k + 1 a step) before the client below gives up after 0.5 s."""
+        def late(index, token_ids):
+            time.sleep(0.02)
+            return stream(index, token_ids)
+        return generate(prompts, params, stream=late if stream else None, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", paced)
     start = metrics_of(base_url)
     before = start.get("specdec:request_aborted_total", 0.0)
     body = _chat(max_tokens=400, temperature=0, stream=stream, ignore_eos=True)

@@ -23,11 +23,15 @@ Row-exact attention (``row_exact=True``, what the engine's target uses): a forwa
 slots after a non-empty cache -- a verification -- computes each slot's attention as the
 one-token forward at that position would (one sdpa call per slot over exactly the slots before
 it), so its logits equal q one-token forwards bit for bit wherever the other ops are
-row-invariant (the projections, norms and MLP are, on this CPU, in fp32 and bf16: tested). A
+row-invariant (norms and elementwise ops are; fp32 projections are on the CPU through rowmm.py;
+bf16 / fp16 projections on the CPU are not on every CPU -- on an AVX-512 bf16 one, oneDNN rounds
+an output of a 5-row product differently from the 1-row one now and then -- so there a
+verification runs its linears slot by slot too, tested). A
 single masked sdpa call over all q slots does not give that: its softmax reduces over W + q
 keys (the masked ones as zeros) instead of W + j + 1, in another order, and in bf16 that flips
 near-tied greedy choices (tokens of a bf16 speculative decode differed from the target alone's
-before this). The price is q - 1 extra sdpa calls per layer, so the engine turns it on by
+before this). The price is q - 1 extra sdpa calls per layer (and, in bf16 / fp16 on the CPU, q
+one-row products per linear instead of one q-row product), so the engine turns it on by
 default only where it buys that bitwise identity: bf16 and fp16 (`row_exact_default`).
 
 On a CPU in bf16 the projections and the head run on weights prepacked for oneDNN once
@@ -126,6 +130,12 @@ class LeanLlamaForward:
         # row-invariant) or, where it cannot run, the weight-major few-row path (packed.py;
         # one-row products unchanged); False: every linear as the module computes it
         self.pack = packing_supported(model) is None if pack is None else pack
+        # row_exact on the CPU in bf16 / fp16: oneDNN's products are not row-invariant there
+        # (on an AVX-512 bf16 CPU a 5-row down_proj rounds an output differently from the
+        # 1-row one, now and then), so a verification computes its linears slot by slot too
+        weight = next(model.parameters())
+        self.split_rows = weight.device.type == "cpu" and weight.dtype in (torch.bfloat16,
+                                                                            torch.float16)
         fp32 = pack is None and not self.pack
         self.rowmm = fp32 and rowmm_supported(model) is None
         self.weight_major = fp32 and not self.rowmm and weight_major_supported(model) is None
@@ -176,6 +186,11 @@ class LeanLlamaForward:
                     <= torch.arange(past, kv, device=hidden.device)[:, None])[None, None]
         is_causal = mask is None and q > 1  # prefill into an empty cache
         rows = self.row_exact and q > 1 and past > 0  # a verification, slot by slot
+        split = rows and self.split_rows
+
+        def apply(f, x):  # f(x), or slot by slot where only that is row-invariant
+            return torch.cat([f(x[:, j:j + 1]) for j in range(x.shape[1])], 1) if split else f(x)
+
         gqa = self.groups > 1 and (mask is None or hidden.device.type == "cpu")
         shape = (batch, q, -1, self.head_dim)
         for i in range(first, self.num_layers):
@@ -188,9 +203,9 @@ class LeanLlamaForward:
             q_proj, k_proj, v_proj, o_proj, *mlp = (
                 self.projections[i] if self.projections is not None
                 else (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
-            query = q_proj(x).view(shape).transpose(1, 2)
-            key = k_proj(x).view(shape).transpose(1, 2)
-            value = v_proj(x).view(shape).transpose(1, 2)
+            query = apply(q_proj, x).view(shape).transpose(1, 2)
+            key = apply(k_proj, x).view(shape).transpose(1, 2)
+            value = apply(v_proj, x).view(shape).transpose(1, 2)
             query, key = self.apply_rotary_pos_emb(query, key, cos, sin)
             key, value = layers[i].update(key, value)
             if self.groups > 1 and not gqa:
@@ -205,19 +220,20 @@ class LeanLlamaForward:
                     is_causal=is_causal, enable_gqa=gqa,
                 )
             out = out.transpose(1, 2).contiguous().reshape(batch, q, -1).contiguous()
-            hidden = residual + o_proj(out)
+            hidden = residual + apply(o_proj, out)
             x = layer.post_attention_layernorm(hidden)
             if mlp:  # LlamaMLP's own computation, through the packed projections
                 gate, up, down = mlp
-                hidden = hidden + down(layer.mlp.act_fn(gate(x)) * up(x))
+                hidden = hidden + apply(down, layer.mlp.act_fn(apply(gate, x)) * apply(up, x))
             else:
-                hidden = hidden + layer.mlp(x)
+                hidden = hidden + apply(layer.mlp, x)
         if capture == self.num_layers:
             captured = hidden
         hidden = decoder.norm(hidden)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return self.head(hidden) if capture is None else (self.head(hidden), captured)
+        logits = apply(self.head, hidden)
+        return logits if capture is None else (logits, captured)
 
     @staticmethod
     def _attend_row(query, key, value, attention_mask, past: int, j: int, scale: float,
