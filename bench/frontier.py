@@ -128,7 +128,6 @@ def validate(cfg: FrontierConfig) -> None:
             raise ValueError("--versus compares drafts end to end: give --e2e-best >= 1")
 
 
-
 def parse_drafts(specs: list[str]) -> list[dict[str, str]]:
     """'[method:]label=path' or 'path' -> [{"label", "path", "method"}]; the method (the curve
     a draft belongs to) defaults to what its specdec.json says made it."""
@@ -368,7 +367,6 @@ def choose_e2e(rows: list[dict[str, Any]], best: int,
             chosen.append(top)
             labels.add(top["label"])
     return chosen
-
 
 
 def best_per_draft(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

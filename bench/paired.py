@@ -39,8 +39,8 @@ def versus_pairs(specs: list[str], labels: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-
 def versus_lines(result: dict[str, Any]) -> list[str]:
+    """One printable line per head-to-head pair of a frontier result."""
     return [f"{v['a']} vs {v['b']}: {v['b']}'s time / {v['a']}'s = {v['ratio']:.3f} (95% "
             f"{v['ci95'][0]:.3f}-{v['ci95'][1]:.3f}), {v['a']} faster on {v['a_faster']} of "
             f"{v['of']} runs" for v in result.get("versus", [])]

@@ -130,9 +130,7 @@ class LeanLlamaForward:
         # row-invariant) or, where it cannot run, the weight-major few-row path (packed.py;
         # one-row products unchanged); False: every linear as the module computes it
         self.pack = packing_supported(model) is None if pack is None else pack
-        # row_exact on the CPU in bf16 / fp16: oneDNN's products are not row-invariant there
-        # (on an AVX-512 bf16 CPU a 5-row down_proj rounds an output differently from the
-        # 1-row one, now and then), so a verification computes its linears slot by slot too
+        # row_exact in bf16 / fp16 on the CPU: linears slot by slot too (module docstring)
         weight = next(model.parameters())
         self.split_rows = weight.device.type == "cpu" and weight.dtype in (torch.bfloat16,
                                                                             torch.float16)
