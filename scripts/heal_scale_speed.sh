@@ -7,7 +7,7 @@
 # (once for every cut), then SD heals there. Probes every 16 steps give the learning curves; the
 # plot goes to docs/results/curve-$CUT-n$N.png.
 #
-#   bash scripts/heal_scale_speed.sh            # drop 3: ~30 min distilling, 40-60 min a heal
+#   bash scripts/heal_scale_speed.sh            # drop 3: ~30 min distilling, 25-40 min a heal
 #   CUT=drop1 bash scripts/heal_scale_speed.sh  # drop 1 on the same distilled set
 #   N=2048 bash scripts/heal_scale_speed.sh     # twice the records, about twice the time
 #
