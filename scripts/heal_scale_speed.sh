@@ -12,7 +12,8 @@
 #   N=2048 bash scripts/heal_scale_speed.sh     # twice the records, about twice the time
 #
 # Resumable: the pruned draft and the distilled set are reused, distill resumes from
-# <out>.partial, the fine-tunes from <out>.ckpt/.
+# <out>.partial (a larger N starts from the largest smaller set's records: the first N turns
+# begin with the first M), the fine-tunes from <out>.ckpt/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 P="${PYTHON:-.venv/bin/python}"
@@ -22,11 +23,11 @@ H=runs/speed
 D=$H/distilled-$N.jsonl
 export OMP_NUM_THREADS=1
 
-declare -A PRUNE=([drop3]="--drop 3 --start 13" [drop1]="--drop 1")  # as scripts/speed_round.sh
-[[ -n ${PRUNE[$CUT]:-} ]] || { echo "CUT must be drop3 or drop1, got '$CUT'" >&2; exit 2; }
+source scripts/speed_recipe.sh  # SPEED_PRUNE: the speed round's cuts
+[[ $CUT == drop3 || $CUT == drop1 ]] || { echo "CUT must be drop3 or drop1, got '$CUT'" >&2; exit 2; }
 # shellcheck disable=SC2086
 [[ -f $H/$CUT/pruned/specdec.json ]] || \
-    $P -m specdec.prune ${PRUNE[$CUT]} --select angular --out $H/$CUT/pruned
+    $P -m specdec.prune ${SPEED_PRUNE[$CUT]} --select angular --out $H/$CUT/pruned
 R="--full --n $N --max-seq-len 384 --max-answer-tokens 192 --epochs 2 --batch-size 16 \
 --micro-batch-size 8 --freeze-below-cut --freeze-embeddings --lr 1e-4 --eval-every 16 --eval-n 40 \
 --eval-max-new-tokens 64"
@@ -36,8 +37,19 @@ ft() {  # ft METHOD DATA: one fine-tune, skipped once its checkpoint is complete
     # shellcheck disable=SC2086
     $P -m specdec.finetune --draft $H/$CUT/pruned --data "$2" $R --out "$out" > "$out.log" 2>&1
 }
+seed() {  # a larger N starts from a smaller run's records (the first N turns extend the first M)
+    [[ -f $D || -f $D.partial ]] && return 0
+    local m best=0
+    for f in $H/distilled-*.jsonl; do
+        m=${f##*-}; m=${m%.jsonl}
+        [[ $m =~ ^[0-9]+$ ]] && (( m < N && m > best )) && best=$m
+    done
+    (( best > 0 )) && cp $H/distilled-$best.jsonl "$D.partial" && echo "distill: resuming from the $best records of $H/distilled-$best.jsonl"
+    return 0
+}
 mkdir -p $H/$CUT
 ft sft sharegpt &
+seed
 { [[ -f $D ]] || $P -m specdec.distill --engine vllm --dtype float32 --n "$N" \
       --max-answer-tokens 192 --batch-size 128 --vllm-kv-cache-gib 3 --out "$D" > "$D.log" 2>&1
   ft sd "$D"; } &

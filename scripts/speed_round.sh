@@ -16,18 +16,20 @@ O=$H/original-384.jsonl
 export OMP_NUM_THREADS=1
 
 bash scripts/install_vllm.sh
-[[ -f $H/keep12/pruned/specdec.json ]] || \
-    $P -m specdec.prune --keep 12 --start 3 --select angular --out $H/keep12/pruned
-[[ -f $H/drop6/pruned/specdec.json ]] || \
-    $P -m specdec.prune --drop 6 --start 12 --select angular --out $H/drop6/pruned
-[[ -f $H/drop3/pruned/specdec.json ]] || \
-    $P -m specdec.prune --drop 3 --start 13 --select angular --out $H/drop3/pruned
+source scripts/speed_recipe.sh  # SPEED_PRUNE, SPEED_R, SPEED_CUT
+prune() {  # prune CUT: the speed round's cut, skipped once written
+    # shellcheck disable=SC2086
+    [[ -f $H/$1/pruned/specdec.json ]] || \
+        $P -m specdec.prune ${SPEED_PRUNE[$1]} --select angular --out $H/$1/pruned
+}
+prune keep12
+prune drop6
+prune drop3
 [[ -f $D ]] || $P -m specdec.distill --engine vllm --dtype float32 --n 384 \
     --max-answer-tokens 192 --batch-size 128 --vllm-kv-cache-gib 3 --out $D
 [[ -f $O ]] || $P -c "from pathlib import Path; from specdec.pipeline import write_original; \
 write_original(Path('$D'), Path('$O'))"
 
-source scripts/speed_recipe.sh  # SPEED_R, SPEED_CUT
 ft() {  # ft CUT METHOD DATA: one fine-tune, skipped once its checkpoint is complete
     local out=$H/$1/$2
     grep -qs '"stage": "finetune"' "$out/specdec.json" && return 0
@@ -49,8 +51,7 @@ wait
 # the shallowest cut, one layer (added late on 2026-12-03, when the frontier favoured it): two
 # epochs, the embedding frozen too, so its 25 bottom layers stay the target's and the engine
 # takes their prefill from the target's (forward.shared_layers)
-[[ -f $H/drop1/pruned/specdec.json ]] || \
-    $P -m specdec.prune --drop 1 --select angular --out $H/drop1/pruned
+prune drop1
 ft drop1 sd $D &
 ft drop1 sft $O &
 wait

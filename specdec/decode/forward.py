@@ -184,11 +184,7 @@ class LeanLlamaForward:
                     <= torch.arange(past, kv, device=hidden.device)[:, None])[None, None]
         is_causal = mask is None and q > 1  # prefill into an empty cache
         rows = self.row_exact and q > 1 and past > 0  # a verification, slot by slot
-        split = rows and self.split_rows
-
-        def apply(f, x):  # f(x), or slot by slot where only that is row-invariant
-            return torch.cat([f(x[:, j:j + 1]) for j in range(x.shape[1])], 1) if split else f(x)
-
+        split = rows and self.split_rows  # and its linears slot by slot (bf16 / fp16 CPU)
         gqa = self.groups > 1 and (mask is None or hidden.device.type == "cpu")
         shape = (batch, q, -1, self.head_dim)
         for i in range(first, self.num_layers):
@@ -201,9 +197,12 @@ class LeanLlamaForward:
             q_proj, k_proj, v_proj, o_proj, *mlp = (
                 self.projections[i] if self.projections is not None
                 else (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
-            query = apply(q_proj, x).view(shape).transpose(1, 2)
-            key = apply(k_proj, x).view(shape).transpose(1, 2)
-            value = apply(v_proj, x).view(shape).transpose(1, 2)
+            if split:
+                q_proj, k_proj, v_proj, o_proj, *mlp = map(
+                    _slot_by_slot, (q_proj, k_proj, v_proj, o_proj, *mlp))
+            query = q_proj(x).view(shape).transpose(1, 2)
+            key = k_proj(x).view(shape).transpose(1, 2)
+            value = v_proj(x).view(shape).transpose(1, 2)
             query, key = self.apply_rotary_pos_emb(query, key, cos, sin)
             key, value = layers[i].update(key, value)
             if self.groups > 1 and not gqa:
@@ -218,20 +217,20 @@ class LeanLlamaForward:
                     is_causal=is_causal, enable_gqa=gqa,
                 )
             out = out.transpose(1, 2).contiguous().reshape(batch, q, -1).contiguous()
-            hidden = residual + apply(o_proj, out)
+            hidden = residual + o_proj(out)
             x = layer.post_attention_layernorm(hidden)
             if mlp:  # LlamaMLP's own computation, through the packed projections
                 gate, up, down = mlp
-                hidden = hidden + apply(down, layer.mlp.act_fn(apply(gate, x)) * apply(up, x))
+                hidden = hidden + down(layer.mlp.act_fn(gate(x)) * up(x))
             else:
-                hidden = hidden + apply(layer.mlp, x)
+                hidden = hidden + (_slot_by_slot(layer.mlp) if split else layer.mlp)(x)
         if capture == self.num_layers:
             captured = hidden
         hidden = decoder.norm(hidden)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = apply(self.head, hidden)
-        return logits if capture is None else (logits, captured)
+        head = _slot_by_slot(self.head) if split else self.head
+        return head(hidden) if capture is None else (head(hidden), captured)
 
     @staticmethod
     def _attend_row(query, key, value, attention_mask, past: int, j: int, scale: float,
@@ -244,6 +243,11 @@ class LeanLlamaForward:
             query[:, :, j:j + 1], key[:, :, :end], value[:, :, :end], attn_mask=row_mask,
             dropout_p=0.0, scale=scale, is_causal=False, enable_gqa=gqa,
         )
+
+
+def _slot_by_slot(f):
+    """x -> f(x) computed one slot (dim 1) at a time: what q one-token forwards compute."""
+    return lambda x: torch.cat([f(x[:, j:j + 1]) for j in range(x.shape[1])], 1)
 
 
 def shared_layers(target, draft) -> int:
