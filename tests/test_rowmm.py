@@ -119,3 +119,56 @@ def test_thread_count_does_not_change_a_result():
         torch.set_num_threads(before)
     for f32, i8 in results[1:]:
         assert torch.equal(f32, results[0][0]) and torch.equal(i8, results[0][1])
+
+
+@pytest.fixture(params=["avx2", "avx512"])
+def int8_kernel(request):
+    """Each int8 kernel in turn (the AVX-512 one where the CPU has it), then the default again."""
+    try:
+        if rowmm.select_int8(request.param) != request.param:
+            pytest.skip("this CPU has no AVX-512 F + BW")
+        yield request.param
+    finally:
+        rowmm.select_int8()
+
+
+@pytest.mark.parametrize("out_features, in_features", SHAPES + [(40, 6), (33, 7)])
+def test_each_int8_kernel_is_the_dequantized_product_and_row_invariant(
+        int8_kernel, out_features, in_features):
+    torch.manual_seed(5)
+    q, scale = rowmm.quantize_weight(torch.randn(out_features, in_features))
+    tiles = rowmm.tile_major_i8(q)
+    group = 4 if int8_kernel == "avx512" else 2
+    assert rowmm.i8_group() == group
+    assert tiles.shape == (-(-out_features // 16), -(-in_features // group), 16 * group)
+    padded_scale = torch.ones(tiles.shape[0] * 16)
+    padded_scale[:out_features] = scale
+    x = torch.randn(9, in_features)
+    full = rowmm.matmul_i8(x, tiles, padded_scale, out_features)
+    torch.testing.assert_close(full, F.linear(x, q.float() * scale[:, None]), rtol=1e-5,
+                               atol=1e-5)
+    for rows in (1, 2, 3, 4, 5):  # one pass over a tile takes up to 3 (AVX2) or 4 rows
+        for start in (0, 9 - rows):
+            part = rowmm.matmul_i8(x[start:start + rows], tiles, padded_scale, out_features)
+            assert torch.equal(part, full[start:start + rows]), (rows, start)
+
+
+def test_int8_tiles_laid_out_for_the_other_kernel_fail_clearly():
+    q, _ = rowmm.quantize_weight(torch.randn(32, 8))
+    other = 2 if rowmm.i8_group() == 4 else 4
+    tiles = rowmm.tile_major_i8(q, group=other)
+    with pytest.raises(ValueError, match="tile_major_i8"):
+        rowmm.matmul_i8(torch.randn(1, 8), tiles, torch.ones(32), 32)
+    with pytest.raises(ValueError, match="2 or 4"):
+        rowmm.tile_major_i8(q, group=3)
+    with pytest.raises(ValueError, match="'avx2' or 'avx512'"):
+        rowmm.select_int8("neon")
+
+
+def test_int8_tile_layouts_hold_each_weight_where_the_kernels_read_it():
+    q = torch.arange(-64, 64, dtype=torch.int8).view(16, 8)  # every weight distinct
+    quads, pairs = rowmm.tile_major_i8(q, group=4), rowmm.tile_major_i8(q, group=2)
+    for d in range(16):
+        for i in range(8):
+            assert quads[0, i // 4, 4 * d + i % 4] == q[d, i]
+            assert pairs[0, i // 2, 4 * (d % 8) + (d // 8) + 2 * (i % 2)] == q[d, i]

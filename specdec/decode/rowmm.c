@@ -1,4 +1,5 @@
-/* Few-row matrix products for decoding on an x86-64 CPU with AVX2 + FMA (see rowmm.py).
+/* Few-row matrix products for decoding on an x86-64 CPU with AVX2 + FMA, and an int8 kernel
+   for AVX-512 CPUs, chosen at run time (see rowmm.py).
 
    y[r, j] = sum_i x[r, i] * W[j, i] for r < m (m small: the 1..k+1 tokens of a decode or
    verification step), with W stored tile-major: P[t, i, l] = W[16 t + l, i], so that the
@@ -127,7 +128,7 @@ void rowmm_f32(const float *x, int64_t m, int64_t in, const float *P, int64_t ou
 
 /* The same with int8 weights P [tiles, ceil(in / 2), 32] (input pairs, above) and scale
    [tiles * 16]. */
-void rowmm_i8(const float *x, int64_t m, int64_t in, const int8_t *P, const float *scale,
+static void rowmm_i8_avx2(const float *x, int64_t m, int64_t in, const int8_t *P, const float *scale,
               int64_t out, float *y, int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
         const int8_t *w = P + t * ((in + 1) / 2) * 2 * TILE;
@@ -141,4 +142,106 @@ void rowmm_i8(const float *x, int64_t m, int64_t in, const int8_t *P, const floa
             }
         }
     }
+}
+
+/* AVX-512 int8, for the CPUs that have it (the functions below are compiled for AVX-512 alone;
+   the rest of this file, fp32 included, stays AVX2 code whatever the CPU). One register holds a
+   tile's 16 outputs, and the tiles hold inputs in quads: P[t, q, 4 d + e] = W[16 t + d, 4 q + e],
+   so one 64-byte load has four inputs' 16 outputs and byte e of every 32-bit lane is input
+   4 q + e's, sign-extended with two shifts. Each input of a quad accumulates in its own partial
+   sum (four independent chains of fused multiply-adds), added at the end in one order -- the
+   same for every row count. Equal to the AVX2 kernel to rounding; on a Zen 5 EPYC core 1.6x /
+   2.7x faster for 1 / 3 rows. */
+#define AVX512 __attribute__((target("avx512f,avx512bw"), always_inline)) static inline
+#define MAX_CHUNK_Q 4
+
+AVX512 void store_row16(float *y, int64_t left, __m512 a) {
+    if (left >= TILE)
+        _mm512_storeu_ps(y, a);
+    else
+        _mm512_mask_storeu_ps(y, (__mmask16)((1u << left) - 1), a);
+}
+
+AVX512 __m512 byte_lane16(__m512i v, int e) {
+    switch (e) {
+        case 0: return _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24));
+        case 1: return _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 24));
+        case 2: return _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 8), 24));
+        default: return _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 24));
+    }
+}
+
+/* Quad i of a tile into the R rows' accumulators. n < 4 only for the last quad of an `in` that
+   is not a multiple of 4: its missing inputs have zero weights, and x is not read past a row. */
+AVX512 void quad_i8(const float *x, int64_t in, const int8_t *w, int64_t i, int R, int n,
+                    __m512 acc[][4]) {
+    const __m512i b = _mm512_loadu_si512((const void *)(w + i * TILE));
+    const __m512 w0 = byte_lane16(b, 0), w1 = byte_lane16(b, 1);
+    const __m512 w2 = byte_lane16(b, 2), w3 = byte_lane16(b, 3);
+    const __m512 zero = _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+        const float *xr = x + r * in + i;
+        acc[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(xr[0]), w0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(n > 1 ? _mm512_set1_ps(xr[1]) : zero, w1, acc[r][1]);
+        acc[r][2] = _mm512_fmadd_ps(n > 2 ? _mm512_set1_ps(xr[2]) : zero, w2, acc[r][2]);
+        acc[r][3] = _mm512_fmadd_ps(n > 3 ? _mm512_set1_ps(xr[3]) : zero, w3, acc[r][3]);
+    }
+}
+
+AVX512 void tile_q8(const float *x, int64_t in, const int8_t *w, const float *scale, float *y,
+                    int64_t out, int64_t col, int R) {
+    __m512 acc[MAX_CHUNK_Q][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+        acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = _mm512_setzero_ps();
+    const int64_t whole = in & ~(int64_t)3;
+    for (int64_t i = 0; i < whole; i += 4) {
+        _mm_prefetch((const char *)(w + i * TILE) + PREFETCH, _MM_HINT_T0);
+        quad_i8(x, in, w, i, R, 4, acc);
+    }
+    if (whole < in) quad_i8(x, in, w, whole, R, (int)(in - whole), acc);
+    const __m512 s = _mm512_loadu_ps(scale + col);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+        const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
+                                         _mm512_add_ps(acc[r][2], acc[r][3]));
+        store_row16(y + r * out + col, out - col, _mm512_mul_ps(sum, s));
+    }
+}
+
+__attribute__((target("avx512f,avx512bw"))) static void rowmm_i8_avx512(
+        const float *x, int64_t m, int64_t in, const int8_t *P, const float *scale, int64_t out,
+        float *y, int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+        const int8_t *w = P + t * ((in + 3) / 4) * 4 * TILE;
+        for (int64_t r0 = 0; r0 < m; r0 += MAX_CHUNK_Q) {
+            const float *xr = x + r0 * in;
+            float *yr = y + r0 * out;
+            switch (m - r0 < MAX_CHUNK_Q ? m - r0 : MAX_CHUNK_Q) {
+                case 1: tile_q8(xr, in, w, scale, yr, out, t * TILE, 1); break;
+                case 2: tile_q8(xr, in, w, scale, yr, out, t * TILE, 2); break;
+                case 3: tile_q8(xr, in, w, scale, yr, out, t * TILE, 3); break;
+                default: tile_q8(xr, in, w, scale, yr, out, t * TILE, 4); break;
+            }
+        }
+    }
+}
+
+/* The int8 kernel in use: 0 the AVX2 one (input pairs), 1 the AVX-512 one (quads). */
+static int int8_avx512 = 0;
+
+/* Select the AVX-512 int8 kernel (on = 1, where the CPU has AVX-512 F + BW) or the AVX2 one;
+   returns the inputs per group of the int8 tiles the selected kernel takes (4 or 2). */
+int rowmm_i8_select(int on) {
+    int8_avx512 = on && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    return int8_avx512 ? 4 : 2;
+}
+
+void rowmm_i8(const float *x, int64_t m, int64_t in, const int8_t *P, const float *scale,
+              int64_t out, float *y, int64_t t0, int64_t t1) {
+    if (int8_avx512)
+        rowmm_i8_avx512(x, m, in, P, scale, out, y, t0, t1);
+    else
+        rowmm_i8_avx2(x, m, in, P, scale, out, y, t0, t1);
 }
