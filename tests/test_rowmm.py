@@ -122,23 +122,23 @@ def test_thread_count_does_not_change_a_result():
 
 
 @pytest.fixture(params=["avx2", "avx512"])
-def int8_kernel(request):
-    """Each int8 kernel in turn (the AVX-512 one where the CPU has it), then the default again."""
+def kernels(request):
+    """Each set of kernels in turn (the AVX-512 one where the CPU has it), then the default."""
     try:
-        if rowmm.select_int8(request.param) != request.param:
+        if rowmm.select_kernels(request.param) != request.param:
             pytest.skip("this CPU has no AVX-512 F + BW")
         yield request.param
     finally:
-        rowmm.select_int8()
+        rowmm.select_kernels()
 
 
 @pytest.mark.parametrize("out_features, in_features", SHAPES + [(40, 6), (33, 7)])
 def test_each_int8_kernel_is_the_dequantized_product_and_row_invariant(
-        int8_kernel, out_features, in_features):
+        kernels, out_features, in_features):
     torch.manual_seed(5)
     q, scale = rowmm.quantize_weight(torch.randn(out_features, in_features))
     tiles = rowmm.tile_major_i8(q)
-    group = 4 if int8_kernel == "avx512" else 2
+    group = 4 if kernels == "avx512" else 2
     assert rowmm.i8_group() == group
     assert tiles.shape == (-(-out_features // 16), -(-in_features // group), 16 * group)
     padded_scale = torch.ones(tiles.shape[0] * 16)
@@ -162,7 +162,7 @@ def test_int8_tiles_laid_out_for_the_other_kernel_fail_clearly():
     with pytest.raises(ValueError, match="2 or 4"):
         rowmm.tile_major_i8(q, group=3)
     with pytest.raises(ValueError, match="'avx2' or 'avx512'"):
-        rowmm.select_int8("neon")
+        rowmm.select_kernels("neon")
 
 
 def test_int8_tile_layouts_hold_each_weight_where_the_kernels_read_it():
@@ -172,3 +172,17 @@ def test_int8_tile_layouts_hold_each_weight_where_the_kernels_read_it():
         for i in range(8):
             assert quads[0, i // 4, 4 * d + i % 4] == q[d, i]
             assert pairs[0, i // 2, 4 * (d % 8) + (d // 8) + 2 * (i % 2)] == q[d, i]
+
+
+@pytest.mark.parametrize("out_features", [16, 64, 200, 333])  # whole groups of 4 tiles or not
+def test_the_avx512_fp32_kernel_equals_the_avx2_one_bitwise(out_features):
+    torch.manual_seed(6)
+    tiles, x = rowmm.tile_major(torch.randn(out_features, 72)), torch.randn(7, 72)
+    try:
+        if rowmm.select_kernels("avx512") != "avx512":
+            pytest.skip("this CPU has no AVX-512 F + BW")
+        wide = rowmm.matmul_f32(x, tiles, out_features)
+        rowmm.select_kernels("avx2")
+        assert torch.equal(wide, rowmm.matmul_f32(x, tiles, out_features))
+    finally:
+        rowmm.select_kernels()

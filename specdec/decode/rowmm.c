@@ -1,5 +1,5 @@
-/* Few-row matrix products for decoding on an x86-64 CPU with AVX2 + FMA, and an int8 kernel
-   for AVX-512 CPUs, chosen at run time (see rowmm.py).
+/* Few-row matrix products for decoding on an x86-64 CPU with AVX2 + FMA, and AVX-512 kernels
+   chosen at run time where the CPU has it (see rowmm.py).
 
    y[r, j] = sum_i x[r, i] * W[j, i] for r < m (m small: the 1..k+1 tokens of a decode or
    verification step), with W stored tile-major: P[t, i, l] = W[16 t + l, i], so that the
@@ -107,8 +107,8 @@ static inline __attribute__((always_inline)) void tile_i8(const float *x, int64_
 }
 
 /* Tiles [t0, t1) of y = x @ W^T; x [m, in] and y [m, out] row-major, P [tiles, in, 16]. */
-void rowmm_f32(const float *x, int64_t m, int64_t in, const float *P, int64_t out, float *y,
-               int64_t t0, int64_t t1) {
+static void rowmm_f32_avx2(const float *x, int64_t m, int64_t in, const float *P, int64_t out,
+                           float *y, int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
         const float *w = P + t * in * TILE;
         for (int64_t r0 = 0; r0 < m; r0 += MAX_CHUNK) {
@@ -144,16 +144,13 @@ static void rowmm_i8_avx2(const float *x, int64_t m, int64_t in, const int8_t *P
     }
 }
 
-/* AVX-512 int8, for the CPUs that have it (the functions below are compiled for AVX-512 alone;
-   the rest of this file, fp32 included, stays AVX2 code whatever the CPU). One register holds a
-   tile's 16 outputs, and the tiles hold inputs in quads: P[t, q, 4 d + e] = W[16 t + d, 4 q + e],
-   so one 64-byte load has four inputs' 16 outputs and byte e of every 32-bit lane is input
-   4 q + e's, sign-extended with two shifts. Each input of a quad accumulates in its own partial
-   sum (four independent chains of fused multiply-adds), added at the end in one order -- the
-   same for every row count. Equal to the AVX2 kernel to rounding; on a Zen 5 EPYC core 1.6x /
-   2.7x faster for 1 / 3 rows. */
+/* AVX-512 fp32: four tiles at a time, one register of 16 outputs each, so that a row has four
+   independent chains of fused multiply-adds instead of the AVX2 kernel's two (whose latency
+   bounds it: 2.4x faster on a Zen 5 EPYC core with the weights in cache). Each output is still
+   one fused multiply-add per input, in order, from zero: the AVX2 kernel's results bit for bit
+   (tested). */
 #define AVX512 __attribute__((target("avx512f,avx512bw"), always_inline)) static inline
-#define MAX_CHUNK_Q 4
+#define GROUP_F32 4
 
 AVX512 void store_row16(float *y, int64_t left, __m512 a) {
     if (left >= TILE)
@@ -161,6 +158,67 @@ AVX512 void store_row16(float *y, int64_t left, __m512 a) {
     else
         _mm512_mask_storeu_ps(y, (__mmask16)((1u << left) - 1), a);
 }
+
+AVX512 void tiles4_f32(const float *x, int64_t in, const float *w, float *y, int64_t out,
+                       int64_t col, int R) {
+    __m512 acc[MAX_CHUNK][GROUP_F32];
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < GROUP_F32; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < in; ++i) {
+        __m512 wv[GROUP_F32];
+#pragma GCC unroll 4
+        for (int j = 0; j < GROUP_F32; ++j) {
+            const float *wj = w + (j * in + i) * TILE;  /* tile j of the group, input i */
+            _mm_prefetch((const char *)wj + PREFETCH, _MM_HINT_T0);
+            wv[j] = _mm512_loadu_ps(wj);
+        }
+#pragma GCC unroll 6
+        for (int r = 0; r < R; ++r) {
+            const __m512 xv = _mm512_set1_ps(x[r * in + i]);
+#pragma GCC unroll 4
+            for (int j = 0; j < GROUP_F32; ++j) acc[r][j] = _mm512_fmadd_ps(xv, wv[j], acc[r][j]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int j = 0; j < GROUP_F32; ++j)
+            store_row16(y + r * out + col + j * TILE, out - col - j * TILE, acc[r][j]);
+}
+
+/* Tiles [t0, t1) in groups of four, the rest (fewer than four) on the AVX2 kernel. */
+__attribute__((target("avx512f,avx512bw"))) static void rowmm_f32_avx512(
+        const float *x, int64_t m, int64_t in, const float *P, int64_t out, float *y,
+        int64_t t0, int64_t t1) {
+    int64_t t = t0;
+    for (; t + GROUP_F32 <= t1; t += GROUP_F32) {
+        const float *w = P + t * in * TILE;
+        for (int64_t r0 = 0; r0 < m; r0 += MAX_CHUNK) {
+            const float *xr = x + r0 * in;
+            float *yr = y + r0 * out;
+            switch (m - r0 < MAX_CHUNK ? m - r0 : MAX_CHUNK) {
+                case 1: tiles4_f32(xr, in, w, yr, out, t * TILE, 1); break;
+                case 2: tiles4_f32(xr, in, w, yr, out, t * TILE, 2); break;
+                case 3: tiles4_f32(xr, in, w, yr, out, t * TILE, 3); break;
+                case 4: tiles4_f32(xr, in, w, yr, out, t * TILE, 4); break;
+                case 5: tiles4_f32(xr, in, w, yr, out, t * TILE, 5); break;
+                default: tiles4_f32(xr, in, w, yr, out, t * TILE, 6); break;
+            }
+        }
+    }
+    if (t < t1) rowmm_f32_avx2(x, m, in, P, out, y, t, t1);
+}
+
+/* AVX-512 int8 (like the fp32 kernel above, compiled for AVX-512 alone; the rest of this file
+   stays AVX2 code whatever the CPU). One register holds a
+   tile's 16 outputs, and the tiles hold inputs in quads: P[t, q, 4 d + e] = W[16 t + d, 4 q + e],
+   so one 64-byte load has four inputs' 16 outputs and byte e of every 32-bit lane is input
+   4 q + e's, sign-extended with two shifts. Each input of a quad accumulates in its own partial
+   sum (four independent chains of fused multiply-adds), added at the end in one order -- the
+   same for every row count. Equal to the AVX2 kernel to rounding; on a Zen 5 EPYC core 1.6x /
+   2.7x faster for 1 / 3 rows. */
+#define MAX_CHUNK_Q 4
 
 AVX512 __m512 byte_lane16(__m512i v, int e) {
     switch (e) {
@@ -228,19 +286,27 @@ __attribute__((target("avx512f,avx512bw"))) static void rowmm_i8_avx512(
     }
 }
 
-/* The int8 kernel in use: 0 the AVX2 one (input pairs), 1 the AVX-512 one (quads). */
-static int int8_avx512 = 0;
+/* The kernels in use: 0 the AVX2 ones (int8 tiles of input pairs), 1 the AVX-512 ones (quads). */
+static int use_avx512 = 0;
 
-/* Select the AVX-512 int8 kernel (on = 1, where the CPU has AVX-512 F + BW) or the AVX2 one;
+/* Select the AVX-512 kernels (on = 1, where the CPU has AVX-512 F + BW) or the AVX2 ones;
    returns the inputs per group of the int8 tiles the selected kernel takes (4 or 2). */
-int rowmm_i8_select(int on) {
-    int8_avx512 = on && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-    return int8_avx512 ? 4 : 2;
+int rowmm_select(int on) {
+    use_avx512 = on && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    return use_avx512 ? 4 : 2;
+}
+
+void rowmm_f32(const float *x, int64_t m, int64_t in, const float *P, int64_t out, float *y,
+               int64_t t0, int64_t t1) {
+    if (use_avx512)
+        rowmm_f32_avx512(x, m, in, P, out, y, t0, t1);
+    else
+        rowmm_f32_avx2(x, m, in, P, out, y, t0, t1);
 }
 
 void rowmm_i8(const float *x, int64_t m, int64_t in, const int8_t *P, const float *scale,
               int64_t out, float *y, int64_t t0, int64_t t1) {
-    if (int8_avx512)
+    if (use_avx512)
         rowmm_i8_avx512(x, m, in, P, scale, out, y, t0, t1);
     else
         rowmm_i8_avx2(x, m, in, P, scale, out, y, t0, t1);

@@ -21,11 +21,12 @@ the head (which per-tensor activation quantization cannot hold, `specdec.quant`)
 
 Only for fp32 on x86-64 CPUs with AVX2 + FMA and a C compiler (``$CC``, default gcc); the
 shared library is built into ``$SPECDEC_CACHE/ext/`` (named by the source's hash and flags,
-written atomically). On a CPU with AVX-512 the int8 products take a 512-bit kernel instead (one
-register per tile, the tiles holding inputs in quads instead of pairs, `tile_major_i8`): 1.6x /
-2.7x faster for 1 / 3 rows on a Zen 5 EPYC core, equal to the AVX2 kernel's results to rounding;
-fp32 stays on the AVX2 kernel everywhere. ``SPECDEC_ROWMM_ISA=avx2`` keeps the AVX2 int8
-kernel (`select_int8`). Anywhere else `rowmm_supported` says why and the callers keep their
+written atomically). On a CPU with AVX-512 the products take 512-bit kernels instead
+(`select_kernels`): fp32 four tiles at a time (the AVX2 kernel's results bit for bit, faster
+where its chains of multiply-adds bound it), int8 one register per tile with the tiles holding
+inputs in quads instead of pairs (`tile_major_i8`; 1.7x / 2.6x faster for 1 / 3 rows on a Zen 5
+EPYC core, equal to the AVX2 kernel's results to rounding). ``SPECDEC_ROWMM_ISA=avx2`` keeps
+the AVX2 kernels. Anywhere else `rowmm_supported` says why and the callers keep their
 other paths; ``SPECDEC_ROWMM=0`` turns it off. Threads: ``torch.get_num_threads()`` of them (OpenMP, the
 libgomp PyTorch loads), each taking a range of output tiles, so the thread count never changes a
 result (tested).
@@ -52,7 +53,7 @@ _SOURCES = [Path(__file__).with_name(n) for n in ("rowmm.c", "fused.c")]  # one 
 _CACHE = "_specdec_rowmm"
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
-_group: int | None = None  # inputs per int8 tile group of the int8 kernel in use (select_int8)
+_group: int | None = None  # inputs per int8 tile group of the kernels in use (select_kernels)
 
 
 class Mat(ctypes.Structure):
@@ -86,7 +87,7 @@ def _build() -> ctypes.CDLL:
     lib.rowmm_f32.argtypes = [p, i, i, p, i, p, i, i]
     lib.rowmm_i8.argtypes = [p, i, i, p, p, i, p, i, i]
     lib.rowmm_f32.restype = lib.rowmm_i8.restype = None
-    lib.rowmm_i8_select.argtypes, lib.rowmm_i8_select.restype = [ctypes.c_int], ctypes.c_int
+    lib.rowmm_select.argtypes, lib.rowmm_select.restype = [ctypes.c_int], ctypes.c_int
     f, n = ctypes.c_float, ctypes.c_int
     lib.fused_llama.argtypes = [i, i, p, p, p, i, p, p, p, p, p, p, f, i, i, i, i, i, f, n]
     lib.rowmm_par.argtypes = [p, p, i, p, n]
@@ -108,7 +109,7 @@ def library() -> ctypes.CDLL | None:
         else:
             try:
                 _lib = _build()
-                select_int8()
+                select_kernels()
             except OSError as e:
                 _error = f"the kernel could not be built: {e}"
     return _lib
@@ -135,11 +136,11 @@ def tile_major(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(tiles, TILE, inp).transpose(1, 2).contiguous()
 
 
-def select_int8(isa: str | None = None) -> str:
-    """Choose the int8 kernel: "avx512" (where the CPU has AVX-512 F + BW) or "avx2"; None: the
+def select_kernels(isa: str | None = None) -> str:
+    """Choose the kernels: "avx512" (where the CPU has AVX-512 F + BW) or "avx2"; None: the
     default, "avx512" where torch reports AVX-512 unless ``SPECDEC_ROWMM_ISA=avx2``. Returns the
-    kernel in use. Int8 tiles are laid out for one kernel (`tile_major_i8`): build them after
-    choosing. Raises where there is no kernel at all."""
+    kernels in use. Int8 tiles are laid out for one int8 kernel (`tile_major_i8`): build them
+    after choosing. Raises where there is no kernel at all."""
     global _group
     lib = library()
     if lib is None:
@@ -148,13 +149,13 @@ def select_int8(isa: str | None = None) -> str:
         isa = ("avx2" if os.environ.get("SPECDEC_ROWMM_ISA", "").lower() == "avx2"
                or torch.backends.cpu.get_cpu_capability() != "AVX512" else "avx512")
     if isa not in ("avx2", "avx512"):
-        raise ValueError(f"the int8 kernel is 'avx2' or 'avx512', not {isa!r}")
-    _group = lib.rowmm_i8_select(int(isa == "avx512"))
+        raise ValueError(f"the kernels are 'avx2' or 'avx512', not {isa!r}")
+    _group = lib.rowmm_select(int(isa == "avx512"))
     return "avx512" if _group == 4 else "avx2"
 
 
 def i8_group() -> int:
-    """Inputs per group of the int8 tiles the kernel in use takes: 2 (AVX2) or 4 (AVX-512); 2
+    """Inputs per group of the int8 tiles the int8 kernel in use takes: 2 (AVX2) or 4 (AVX-512); 2
     where there is no kernel (`Int8RowLinear` then never reads its tiles)."""
     library()  # which selects the default kernel
     return _group or 2
