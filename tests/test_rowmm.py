@@ -186,3 +186,31 @@ def test_the_avx512_fp32_kernel_equals_the_avx2_one_bitwise(out_features):
         assert torch.equal(wide, rowmm.matmul_f32(x, tiles, out_features))
     finally:
         rowmm.select_kernels()
+
+
+def test_the_rowmm_benchmark_sweeps_every_weight_and_checks_the_kernels_agree():
+    """bench/rowmm.py on a tiny model: mechanics only (no timing asserted)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from rich.console import Console
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "rowmm.py"
+    spec = importlib.util.spec_from_file_location("bench_rowmm", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_rowmm"] = bench  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(bench)
+        model = make_tiny_llama(seed=7, num_layers=2)
+        assert len(bench.weights(model)) == 2 * 7 + 1
+        cfg = bench.RowmmBenchConfig(threads=1, rows="1,3", warmup=0, repeats=1)
+        result = bench.run(cfg, Console(quiet=True), model=model)
+    finally:
+        sys.modules.pop("bench_rowmm", None)
+        rowmm.select_kernels()
+    kernels = result["kernels"]
+    assert kernels[0] == "avx2" and len(result["rows"]) == 2 * 2 * len(kernels)
+    assert all(r["match"] for r in result["rows"] if "match" in r)
+    assert {(r["dtype"], r["rows"]) for r in result["rows"]} == {
+        (d, m) for d in ("fp32", "int8") for m in (1, 3)}

@@ -292,6 +292,7 @@ static int use_avx512 = 0;
 /* Select the AVX-512 kernels (on = 1, where the CPU has AVX-512 F + BW) or the AVX2 ones;
    returns the inputs per group of the int8 tiles the selected kernel takes (4 or 2). */
 int rowmm_select(int on) {
+    __builtin_cpu_init();
     use_avx512 = on && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
     return use_avx512 ? 4 : 2;
 }
