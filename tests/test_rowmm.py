@@ -200,6 +200,7 @@ def test_the_rowmm_benchmark_sweeps_every_weight_and_checks_the_kernels_agree():
     spec = importlib.util.spec_from_file_location("bench_rowmm", path)
     bench = importlib.util.module_from_spec(spec)
     sys.modules["bench_rowmm"] = bench  # dataclasses look their module up there
+    threads = torch.get_num_threads()
     try:
         spec.loader.exec_module(bench)
         model = make_tiny_llama(seed=7, num_layers=2)
@@ -209,6 +210,7 @@ def test_the_rowmm_benchmark_sweeps_every_weight_and_checks_the_kernels_agree():
     finally:
         sys.modules.pop("bench_rowmm", None)
         rowmm.select_kernels()
+        torch.set_num_threads(threads)
     kernels = result["kernels"]
     assert kernels[0] == "avx2" and len(result["rows"]) == 2 * 2 * len(kernels)
     assert all(r["match"] for r in result["rows"] if "match" in r)
