@@ -112,6 +112,23 @@ def test_fused_w8_matches_the_w8_models_pytorch_forward():
                                    rtol=1e-4, atol=1e-4)
 
 
+def test_fused_w8_refuses_tiles_laid_out_for_the_other_int8_kernel():
+    model = quantize_weights(make_tiny_llama(seed=6))  # tiles for the default kernels
+    lean = LeanLlamaForward(model)
+    ids = torch.randint(0, 97, (1, 9))
+    default = rowmm.select_kernels()
+    try:
+        with torch.inference_mode():
+            cache = make_cache(model, 32)
+            lean(ids[:, :8], None, torch.arange(8)[None], cache, 1)
+            if rowmm.select_kernels("avx2" if default == "avx512" else "avx512") == default:
+                pytest.skip("one int8 kernel on this CPU")
+            with pytest.raises(RuntimeError, match="select the kernels first"):
+                lean(ids[:, 8:], None, torch.tensor([[8]]), cache, 0)
+    finally:
+        rowmm.select_kernels()
+
+
 def test_fused_leaves_other_forwards_to_pytorch(monkeypatch):
     """A prefill, a batch, a mask and more than 16 rows take the PyTorch path (the fused call
     would raise here); the switch and unsupported models say why they are not fused."""

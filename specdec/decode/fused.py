@@ -24,7 +24,7 @@ import os
 import torch
 from torch import nn
 
-from specdec.decode.rowmm import MAX_ROWS, Mat, kernel_weights, library
+from specdec.decode.rowmm import MAX_ROWS, TILE, Mat, i8_group, kernel_weights, library
 
 _NAMES = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
           ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
@@ -75,12 +75,15 @@ class FusedLlama:
         self.eps = float(layers[0].input_layernorm.variance_epsilon)
         self.scaling = float(layers[0].self_attn.scaling)
         self._keep = []  # the tensors the C tables point into
+        self._int8_group = None  # inputs per group of the int8 tiles, if any (rowmm.c)
         mats = (Mat * (len(layers) * len(_NAMES)))()
         for i, layer in enumerate(layers):
             for j, (owner, name) in enumerate(_NAMES):
                 module = getattr(getattr(layer, owner), name)
                 tiles, scale = kernel_weights(module)
                 self._keep += [tiles, scale]
+                if scale is not None:
+                    self._int8_group = tiles.shape[2] // TILE
                 mats[i * len(_NAMES) + j] = Mat(
                     tiles.data_ptr(), 0 if scale is None else scale.data_ptr(),
                     module.in_features, module.out_features)
@@ -97,6 +100,11 @@ class FusedLlama:
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
         q = input_ids.shape[1]
+        if self._int8_group not in (None, i8_group()):
+            raise RuntimeError(
+                "the int8 tiles were laid out for the other int8 kernel (rowmm.select_kernels "
+                "was called after this model was quantized): select the kernels first, then "
+                "load the draft")
         x = self.decoder.embed_tokens(input_ids).contiguous()  # a new tensor: written in place
         cos, sin = self.decoder.rotary_emb(x, position_ids)
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
