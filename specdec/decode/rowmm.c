@@ -128,8 +128,8 @@ static void rowmm_f32_avx2(const float *x, int64_t m, int64_t in, const float *P
 
 /* The same with int8 weights P [tiles, ceil(in / 2), 32] (input pairs, above) and scale
    [tiles * 16]. */
-static void rowmm_i8_avx2(const float *x, int64_t m, int64_t in, const int8_t *P, const float *scale,
-              int64_t out, float *y, int64_t t0, int64_t t1) {
+static void rowmm_i8_avx2(const float *x, int64_t m, int64_t in, const int8_t *P,
+                          const float *scale, int64_t out, float *y, int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
         const int8_t *w = P + t * ((in + 1) / 2) * 2 * TILE;
         for (int64_t r0 = 0; r0 < m; r0 += MAX_CHUNK_I8) {
@@ -145,10 +145,10 @@ static void rowmm_i8_avx2(const float *x, int64_t m, int64_t in, const int8_t *P
 }
 
 /* AVX-512 fp32: four tiles at a time, one register of 16 outputs each, so that a row has four
-   independent chains of fused multiply-adds instead of the AVX2 kernel's two (whose latency
-   bounds it: 2.4x faster on a Zen 5 EPYC core with the weights in cache). Each output is still
-   one fused multiply-add per input, in order, from zero: the AVX2 kernel's results bit for bit
-   (tested). */
+   independent chains of fused multiply-adds instead of the AVX2 kernel's two, whose latency
+   bounds it: 2.4x faster on a Zen 5 EPYC core with the weights in cache; from memory the stream
+   sets the pace for one row, and 3 rows now cost what 1 does. Each output is still one fused
+   multiply-add per input, in order, from zero: the AVX2 kernel's results bit for bit (tested). */
 #define AVX512 __attribute__((target("avx512f,avx512bw"), always_inline)) static inline
 #define GROUP_F32 4
 
@@ -216,8 +216,9 @@ __attribute__((target("avx512f,avx512bw"))) static void rowmm_f32_avx512(
    so one 64-byte load has four inputs' 16 outputs and byte e of every 32-bit lane is input
    4 q + e's, sign-extended with two shifts. Each input of a quad accumulates in its own partial
    sum (four independent chains of fused multiply-adds), added at the end in one order -- the
-   same for every row count. Equal to the AVX2 kernel to rounding; on a Zen 5 EPYC core 1.6x /
-   2.7x faster for 1 / 3 rows. */
+   same for every row count. Equal to the AVX2 kernel to rounding; on a Zen 5 EPYC, SmolLM2's
+   weights from memory on two threads (bench/rowmm.py), 1.1x / 1.6x / 2.0x faster for 1 / 3 / 4
+   rows. */
 #define MAX_CHUNK_Q 4
 
 AVX512 __m512 byte_lane16(__m512i v, int e) {

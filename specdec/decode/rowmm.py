@@ -24,12 +24,12 @@ shared library is built into ``$SPECDEC_CACHE/ext/`` (named by the source's hash
 written atomically). On a CPU with AVX-512 the products take 512-bit kernels instead
 (`select_kernels`): fp32 four tiles at a time (the AVX2 kernel's results bit for bit, faster
 where its chains of multiply-adds bound it), int8 one register per tile with the tiles holding
-inputs in quads instead of pairs (`tile_major_i8`; 1.7x / 2.6x faster for 1 / 3 rows on a Zen 5
-EPYC core, equal to the AVX2 kernel's results to rounding). ``SPECDEC_ROWMM_ISA=avx2`` keeps
-the AVX2 kernels. Anywhere else `rowmm_supported` says why and the callers keep their
-other paths; ``SPECDEC_ROWMM=0`` turns it off. Threads: ``torch.get_num_threads()`` of them (OpenMP, the
-libgomp PyTorch loads), each taking a range of output tiles, so the thread count never changes a
-result (tested).
+inputs in quads instead of pairs (`tile_major_i8`; equal to the AVX2 kernel's results to
+rounding; on a Zen 5 EPYC 1.6x / 2.0x faster for 3 / 4 rows from memory on two threads,
+`bench/rowmm.py`). ``SPECDEC_ROWMM_ISA=avx2`` keeps the AVX2 kernels. Anywhere else
+`rowmm_supported` says why and the callers keep their other paths; ``SPECDEC_ROWMM=0`` turns
+it off. Threads: ``torch.get_num_threads()`` of them (OpenMP, the libgomp PyTorch loads), each
+taking a range of output tiles, so the thread count never changes a result (tested).
 """
 
 from __future__ import annotations
