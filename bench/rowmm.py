@@ -155,7 +155,9 @@ def run(cfg: RowmmBenchConfig, console: Console, model=None) -> dict[str, Any]:
 def print_table(result: dict[str, Any], console: Console) -> None:
     table = Table(title=f"rowmm sweeps ({result['config']['threads']} threads, torch reports "
                         f"{result['cpu']})")
-    for col in ("dtype", "kernels", "rows", "ms / sweep", "GB/s", "vs 1 row", "vs AVX2", "match"):
+    first = result["config"]["rows"].split(",")[0].strip()
+    for col in ("dtype", "kernels", "rows", "ms / sweep", "GB/s", f"vs {first} row(s)", "vs AVX2",
+                "match"):
         table.add_column(col, justify="right")
     for r in result["rows"]:
         table.add_row(r["dtype"], r["kernels"], str(r["rows"]), f"{r['ms']:.2f}",

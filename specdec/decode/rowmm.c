@@ -211,10 +211,10 @@ __attribute__((target("avx512f,avx512bw"))) static void rowmm_f32_avx512(
 }
 
 /* AVX-512 int8 (like the fp32 kernel above, compiled for AVX-512 alone; the rest of this file
-   stays AVX2 code whatever the CPU). One register holds a
-   tile's 16 outputs, and the tiles hold inputs in quads: P[t, q, 4 d + e] = W[16 t + d, 4 q + e],
-   so one 64-byte load has four inputs' 16 outputs and byte e of every 32-bit lane is input
-   4 q + e's, sign-extended with two shifts. Each input of a quad accumulates in its own partial
+   stays AVX2 code whatever the CPU). One register holds a tile's 16 outputs, and the tiles hold
+   inputs in quads: P[t, q, 4 d + e] = W[16 t + d, 4 q + e], so one 64-byte load has four
+   inputs' 16 outputs and byte e of every 32-bit lane is input 4 q + e's, sign-extended with two
+   shifts. Each input of a quad accumulates in its own partial
    sum (four independent chains of fused multiply-adds), added at the end in one order -- the
    same for every row count. Equal to the AVX2 kernel to rounding; on a Zen 5 EPYC, SmolLM2's
    weights from memory on two threads (bench/rowmm.py), 1.1x / 1.6x / 2.0x faster for 1 / 3 / 4
