@@ -146,8 +146,8 @@ static void rowmm_i8_avx2(const float *x, int64_t m, int64_t in, const int8_t *P
 
 /* AVX-512 fp32: four tiles at a time, one register of 16 outputs each, so that a row has four
    independent chains of fused multiply-adds instead of the AVX2 kernel's two, whose latency
-   bounds it: 2.4x faster on a Zen 5 EPYC core with the weights in cache; from memory the stream
-   sets the pace for one row, and 3 rows now cost what 1 does. Each output is still one fused
+   bounds it (with the weights in cache, a one-off probe on a Zen 5 EPYC core: 2.4x faster; from
+   memory the stream sets the pace for one row, and 3 rows cost what 1 does, bench/rowmm.py). Each output is still one fused
    multiply-add per input, in order, from zero: the AVX2 kernel's results bit for bit (tested). */
 #define AVX512 __attribute__((target("avx512f,avx512bw"), always_inline)) static inline
 #define GROUP_F32 4
