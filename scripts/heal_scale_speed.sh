@@ -36,7 +36,7 @@ ft() {  # ft METHOD DATA: one fine-tune, skipped once its checkpoint is complete
     local out=$H/$CUT/$1-n$N
     grep -qs '"stage": "finetune"' "$out/specdec.json" && return 0
     # shellcheck disable=SC2086
-    $P -m specdec.finetune --draft $H/$CUT/pruned --data "$2" $R --out "$out" > "$out.log" 2>&1
+    $P -m specdec.finetune --draft $H/$CUT/pruned --data "$2" $R --out "$out" >> "$out.log" 2>&1
 }
 seed() {  # a larger N starts from a smaller run's records (the first N turns extend the first M)
     [[ -f $D || -f $D.partial ]] && return 0

@@ -71,8 +71,8 @@ def test_fused_verification_equals_one_token_steps_bitwise(w8):
 
 @pytest.mark.parametrize("w8", [False, True])
 def test_fused_forward_does_not_depend_on_the_thread_count(w8):
-    """The projections split their output tiles over the threads: every output is computed as
-    on one thread."""
+    """The projections split their output tiles over the threads, the attention its (row,
+    head) pairs: every output is computed as on one thread."""
     model = make_tiny_llama(seed=9, num_heads=4, num_kv_heads=2)
     if w8:
         model = quantize_weights(model)
