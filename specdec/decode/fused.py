@@ -4,8 +4,9 @@ At batch 1 a CPU decode step of a small model is not only its matrix products: a
 is ~25 PyTorch calls (norms, rotary, cache writes, attention, activations, residuals), a fixed
 ~0.5 ms per layer on a 2-core EPYC -- a third of the target's step and most of a w8 draft's.
 `FusedLlama` runs the whole decoder for 1..16 new tokens after a non-empty cache in one call:
-the projections on `rowmm.c`'s kernels (fp32, or int8 for a w8 draft), the rest as plain loops
-in `fused.c`, reading and writing the `SlabLayer` buffers in place. The embedding, the rotary
+the projections on `rowmm.c`'s kernels (fp32, or int8 for a w8 draft), the attention
+vectorised and split over the threads by (row, head), the rest as plain loops in `fused.c`,
+reading and writing the `SlabLayer` buffers in place. The embedding, the rotary
 tables and the LM head stay in PyTorch (one call each).
 
 Row-invariant: a row's result does not depend on the rows that share the call, so a
