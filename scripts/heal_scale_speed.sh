@@ -10,7 +10,7 @@
 #   bash scripts/heal_scale_speed.sh            # drop 3: ~30 min distilling, 25-40 min a heal
 #   CUT=drop1 bash scripts/heal_scale_speed.sh  # drop 1 on the same distilled set
 #   N=2048 bash scripts/heal_scale_speed.sh     # 25 min distilling the new 1,024, SFT 80 min, SD 57
-#   N=4096 bash scripts/heal_scale_speed.sh     # all 3,425 usable turns: 30 min + ~2.5 h of healing
+#   N=4096 bash scripts/heal_scale_speed.sh     # all 3,425 usable turns: 30 min + ~2 h a heal (SD +10.6%)
 #
 # Resumable: the pruned draft and the distilled set are reused, distill resumes from
 # <out>.partial (a larger N starts from the largest smaller set's records: the first N turns
