@@ -43,21 +43,10 @@ static void rowmm_range(const mat_t *w, const float *x, int64_t m, float *y, int
         rowmm_f32(x, m, w->in, (const float *)w->tiles, w->out, y, t0, t1);
 }
 
-/* y = x @ W^T on `threads` threads, each taking a contiguous range of tiles: every output is
-   computed exactly as on one thread, so the thread count never changes a result. */
-void rowmm_par(const mat_t *w, const float *x, int64_t m, float *y, int threads) {
-    const int64_t tiles = (w->out + 15) / 16;
-#pragma omp parallel num_threads(threads) if (threads > 1)
-    {
-        const int64_t n = omp_get_num_threads(), id = omp_get_thread_num();
-        rowmm_range(w, x, m, y, tiles * id / n, tiles * (id + 1) / n);
-    }
-}
-
 /* y[j] = x @ W[j]^T for `count` matrices of one input (q, k and v; gate and up) in one
-   parallel region: a thread takes the same share of each matrix's tiles, so each output is
-   still computed exactly as on one thread, and the threads are woken once instead of `count`
-   times. */
+   parallel region, each thread taking a contiguous range of each matrix's tiles: every output
+   is computed exactly as on one thread, so the thread count never changes a result, and the
+   threads are woken once instead of `count` times. */
 static void rowmm_par_n(const mat_t *w, int count, const float *x, int64_t m, float *const *y,
                         int threads) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -68,6 +57,11 @@ static void rowmm_par_n(const mat_t *w, int count, const float *x, int64_t m, fl
             rowmm_range(&w[j], x, m, y[j], tiles * id / n, tiles * (id + 1) / n);
         }
     }
+}
+
+/* y = x @ W^T on `threads` threads: rowmm_par_n for one matrix. */
+void rowmm_par(const mat_t *w, const float *x, int64_t m, float *y, int threads) {
+    rowmm_par_n(w, 1, x, m, &y, threads);
 }
 
 #define matmul(w, x, m, y) rowmm_par(w, x, m, y, threads)
